@@ -1,18 +1,21 @@
 """Sentry destination: every record as a Sentry structured log, every Python traceback also as a Sentry issue.
 
-Enabled by ``SENTRY_DSN`` (``https://PUBLIC_KEY@HOST/PROJECT_ID``). Envelopes are built with sentry-sdk's
-``Envelope``/``Item`` types and POSTed, gzip-compressed, to ``<scheme>://<host>/api/<project>/envelope/`` with an
-``X-Sentry-Auth`` header from sentry-sdk's ``Dsn.to_auth()``, through our shared httpx client: no global
-``sentry_sdk.init`` (it would capture the forwarder's own logging), and no SDK-side queue (the SDK's logger drops
-logs past 1,000 queued; here the spool holds them and the one retry loop decides).
+Enabled by ``SENTRY_DSN`` (``https://PUBLIC_KEY@HOST/PROJECT_ID``). Envelopes are POSTed, gzip-compressed, to
+``<scheme>://<host>/api/<project>/envelope/`` with an ``X-Sentry-Auth`` header from sentry-sdk's ``Dsn.to_auth()``,
+through our shared httpx client: no global ``sentry_sdk.init`` (it would capture the forwarder's own logging), and
+no SDK-side queue (the SDK's logger drops logs past 1,000 queued; here the spool holds them and the one retry loop
+decides). Event envelopes are built with sentry-sdk's ``Envelope``/``Item`` types; log envelopes, built for every
+record, are written directly, byte for byte as those types would write them (a test holds them to it), and each
+``log`` item's payload is serialised with one ``orjson.dumps`` call.
 
 Wire format:
 
-* Logs: one ``log`` item per envelope (``content_type: application/vnd.sentry.items.log+json``, header
-  ``item_count``), payload ``{"items": [log, ...]}``; each log has ``timestamp`` (seconds, float), ``trace_id``,
-  ``level`` (``trace|debug|info|warn|error|fatal``), ``severity_number``, ``body`` and typed ``attributes``
-  (``{"value": ..., "type": "string|integer|double|boolean"}``): ``host``, ``source``, ``service``, ``stream``
-  and every record attribute. https://develop.sentry.dev/sdk/telemetry/logs/
+* Logs: one ``log`` item per envelope ("An envelope MUST contain at most one ``log`` envelope item";
+  ``content_type: application/vnd.sentry.items.log+json``, header ``item_count``), payload ``{"items": [log, ...]}``
+  (logs of different traces may share it, so the envelope has no ``trace`` header, as the spec requires); each log
+  has ``timestamp`` (seconds, float), ``trace_id``, ``level`` (``trace|debug|info|warn|error|fatal``),
+  ``severity_number``, ``body`` and typed ``attributes`` (``{"value": ..., "type": "string|integer|double|boolean"}``):
+  ``host``, ``source``, ``service``, ``stream`` and every record attribute. https://develop.sentry.dev/sdk/telemetry/logs/
 * Issues: a record holding a Python traceback (in its message, or a JSON line's ``exc_info`` field) also becomes an
   ``event`` envelope: ``exception.values`` (oldest first, with parsed ``stacktrace.frames``), tags ``host``,
   ``source``, ``service``, ``stream``, level ``error``. Its ``event_id`` is derived from the record, so a resend
@@ -23,8 +26,10 @@ Wire format:
 
 Limits (checked November 2026; the develop docs moved from ``/sdk/data-model/`` to ``/sdk/foundations/transport/``):
 
-* at most 100 logs per envelope ("SDKs MUST NOT send more than 100 logs per envelope"):
-  https://develop.sentry.dev/sdk/telemetry/logs/#buffering
+* at most 100 logs per envelope ("SDKs MUST NOT send more than 100 logs per envelope (since 1.15.0). Relay is
+  optimized for this limit.", logs spec 2.0.0): https://develop.sentry.dev/sdk/telemetry/logs/#buffering. Relay
+  itself rejects more than 1,000 logs in an envelope (400 "envelope exceeded size limits for type 'log'":
+  https://github.com/getsentry/sentry-cocoa/pull/6768), but SDKs must keep to the spec's 100, so 100 it stays.
 * 1 MiB for an event, span or log envelope item; 200 MiB for a whole envelope after decompression:
   https://develop.sentry.dev/sdk/foundations/transport/envelopes/#size-limits (Relay's defaults, ``max_event_size``,
   ``max_envelope_size``: https://github.com/getsentry/relay/blob/master/relay-config/src/config.rs)
@@ -39,6 +44,7 @@ Limits (checked November 2026; the develop docs moved from ``/sdk/data-model/`` 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import uuid
@@ -53,11 +59,11 @@ import structlog
 import trio
 from sentry_sdk.consts import VERSION as SENTRY_SDK_VERSION
 from sentry_sdk.envelope import Envelope, Item, PayloadRef
-from sentry_sdk.utils import BadDsn, Dsn
+from sentry_sdk.utils import BadDsn, Dsn, json_dumps
 
 from forwarder import __version__
 from forwarder.config import ConfigError, HttpSettings, Secret
-from forwarder.record import HOST, SERVICE, SOURCE, STREAM, TRUNCATED, Level, Record
+from forwarder.record import HOST, SERVICE, SOURCE, STREAM, TRUNCATED, Level, Record, Tags
 from forwarder.sinks._http import gzip_bytes, make_client, parse_retry_after, transport_verdict
 from forwarder.sinks._protocol import OK, Batch, Encoded, Outcome, Verdict, drop, retry, split
 from forwarder.sinks._traceback import ParsedException, find_traceback, in_app, module_of, parse_traceback
@@ -67,7 +73,9 @@ ENV_VARS: tuple[str, ...] = ("SENTRY_DSN",)
 # --- limits -----------------------------------------------------------------------------------------------------
 
 MAX_LOGS_PER_ENVELOPE: Final = 100
-"""https://develop.sentry.dev/sdk/telemetry/logs/#buffering: "SDKs MUST NOT send more than 100 logs per envelope"."""
+"""https://develop.sentry.dev/sdk/telemetry/logs/#buffering (logs spec 2.0.0, rechecked November 2026): "SDKs MUST NOT
+send more than 100 logs per envelope (since 1.15.0). Relay is optimized for this limit." (Relay's own hard limit,
+1,000, is not for SDKs to use.)"""
 MAX_LOG_ITEM_BYTES: Final = 1024 * 1024
 """A ``log`` item's payload (``{"items": [...]}``), bytes: https://develop.sentry.dev/sdk/foundations/transport/envelopes/#size-limits"""
 MAX_EVENT_BYTES: Final = 1024 * 1024
@@ -91,6 +99,8 @@ EVENT_RATE_LIMIT_HOLD_S: Final = 60.0
 """Ours: an ``error``-category rate limit up to this long holds issue events (``RETRY``); a longer one (an
 exhausted error quota, typically until the end of the billing period) drops them with reason ``rate_limited``, as
 Sentry's SDKs do, so that the logs behind them keep flowing. The record itself is still delivered as a log."""
+TAG_FRAGMENT_CACHE: Final = 256
+"""Ours: (source, stream) pairs whose pre-serialised tag attributes are kept (a few per run in practice)."""
 SENT_EVENT_MEMORY: Final = 10_000
 """Event ids remembered as delivered, so that a log batch that is split and re-encoded does not resend its events."""
 
@@ -216,42 +226,67 @@ def encode(records: Sequence[Record], trace_id: str) -> Encoded:
     own, whose batch has no records (the record is counted once, by its log). Issue batches come first, so a
     rate limit on logs does not hold issues back.
 
+    Logs are packed greedily in order: an envelope takes the next logs until one more would pass either limit.
+    Each envelope's ``{"items": [...]}`` is serialised with one ``orjson.dumps`` call; only an envelope whose
+    :data:`MAX_LOGS_PER_ENVELOPE` logs would pass :data:`MAX_LOG_ITEM_BYTES` falls back to measuring log by log.
+
     Args:
         records: in order.
         trace_id: the ``trace_id`` (32 hex) for logs that do not carry their own.
     """
     events: list[Batch] = []
     logs: list[Batch] = []
-    batch_records: list[Record] = []
-    parts: list[bytes] = []
-    size = _ITEM_OVERHEAD
-    limit = MAX_LOG_ITEM_BYTES
-    for record in records:
-        part = _encode_log(record, trace_id)
-        if parts and (len(parts) >= MAX_LOGS_PER_ENVELOPE or size + len(part) + 1 > limit):
-            logs.append(_log_batch(batch_records, parts))
-            batch_records, parts, size = [], [], _ITEM_OVERHEAD
-        batch_records.append(record)
-        parts.append(part)
-        size += len(part) + 1
-        event_batch = _event_batch(record, trace_id)
-        if event_batch is not None:
-            events.append(event_batch)
-    if parts:
-        logs.append(_log_batch(batch_records, parts))
+    count = len(records)
+    start = 0
+    entries: list[dict[str, Any]] = []  # the logs of records[start:start + len(entries)], each built once
+    slow_until = 0  # past a group of logs that did not fit in one item: pack log by log up to here
+    carry: bytes | None = None  # the serialised first of ``entries``, which the previous item could not take
+    while start < count:
+        end = min(start + MAX_LOGS_PER_ENVELOPE, count)
+        # built group by group and freed once sent: few objects alive at a time, few garbage-collector passes
+        if not entries:
+            entries = _log_entries(records[start:end], trace_id, events)
+        elif len(entries) < end - start:
+            entries += _log_entries(records[start + len(entries) : end], trace_id, events)
+        if start >= slow_until and carry is None:
+            payload = orjson.dumps({"items": entries})
+            if len(payload) <= MAX_LOG_ITEM_BYTES:
+                logs.append(_log_batch(records[start:end], payload, end - start))
+                start = end
+                entries = []
+                continue
+            slow_until = end  # so a log is serialised at most twice, however many do not fit
+        parts: list[bytes] = []
+        size = _ITEM_OVERHEAD - 1  # + (length + 1) per log: the first log has no comma before it
+        for index in range(start, end):
+            if carry is None:
+                carry = _dump_log(entries[index - start], records[index], trace_id)
+            if parts and size + len(carry) + 1 > MAX_LOG_ITEM_BYTES:
+                break
+            parts.append(carry)
+            size += len(carry) + 1
+            carry = None
+        stop = start + len(parts)
+        logs.append(_log_batch(records[start:stop], b'{"items":[' + b",".join(parts) + b"]}", len(parts)))
+        del entries[: len(parts)]
+        start = stop
     return Encoded(events + logs)
 
 
-def _log_batch(records: list[Record], parts: list[bytes]) -> Batch:
-    payload = b'{"items":[' + b",".join(parts) + b"]}"
-    item = Item(
-        payload=PayloadRef(bytes=payload),
-        type="log",
-        content_type=LOG_CONTENT_TYPE,
-        headers={"item_count": len(parts)},
+_LOG_ENVELOPE_HEADER: Final = json_dumps({"sdk": SDK_INFO}) + b"\n"
+"""The header line of every log envelope (serialised once, with sentry-sdk's own ``json_dumps``)."""
+
+
+def _log_batch(records: Sequence[Record], payload: bytes, count: int) -> Batch:
+    """One log envelope: byte for byte what sentry-sdk's ``Envelope(headers={"sdk": ...}, items=[Item(type="log",
+    content_type=..., headers={"item_count": count})]).serialize()`` gives, without building its objects."""
+    item_header = b'{"item_count":%d,"type":"log","content_type":"%s","length":%d}\n' % (
+        count,
+        LOG_CONTENT_TYPE.encode(),
+        len(payload),
     )
-    raw = Envelope(headers={"sdk": SDK_INFO}, items=[item]).serialize()
-    body = SentryEnvelope(gzip_bytes(raw), LOG_CATEGORIES, None, len(parts))
+    raw = b"".join((_LOG_ENVELOPE_HEADER, item_header, payload, b"\n"))
+    body = SentryEnvelope(gzip_bytes(raw), LOG_CATEGORIES, None, count)
     return Batch(records=records, payload=body, size=len(raw))
 
 
@@ -298,14 +333,36 @@ def _json_text(value: Any) -> str:
         return str(value)
 
 
+_HEX_DIGITS: Final = frozenset("0123456789abcdef")
+_ID_KEYS: Final = frozenset(TRACE_ID_KEYS + SPAN_ID_KEYS)
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**63 - 1
+_PAST_NS: Final = MAX_SECS_IN_PAST * 10**9
+_FUTURE_NS: Final = MAX_SECS_IN_FUTURE * 10**9
+_TRACEBACK_MARK: Final = "Traceback (most recent call last)"
+"""In every traceback header (plain and exception group): a record without it (nor ``exc_info``) has no event."""
+
+
+def _levels_by_number() -> tuple[tuple[str, int], ...]:
+    table = [_LEVELS[None]] * (max(Level) + 1)
+    for level in Level:
+        table[level] = _LEVELS[level]
+    return tuple(table)
+
+
+_LOG_LEVELS: Final = _levels_by_number()
+"""``_LEVELS`` indexed by the level's number (hashing an ``IntEnum`` member calls Python code; indexing does not)."""
+
+
 def _hex_id(attributes: Mapping[str, Any] | None, keys: Sequence[str], length: int) -> str | None:
+    """The first of ``keys`` in ``attributes`` holding ``length`` hex digits (not all zeros), lower-cased."""
     if not attributes:
         return None
     for key in keys:
         value = attributes.get(key)
         if type(value) is str and len(value) == length:
             low = value.lower()
-            if all(c in "0123456789abcdef" for c in low) and low.strip("0"):
+            if _HEX_DIGITS.issuperset(low) and low.strip("0"):
                 return low
     return None
 
@@ -313,44 +370,134 @@ def _hex_id(attributes: Mapping[str, Any] | None, keys: Sequence[str], length: i
 def _event_time_s(record: Record) -> float:
     captured = record.timestamp_ns
     stated = record.event_time_ns
-    if stated is not None and captured - MAX_SECS_IN_PAST * 10**9 <= stated <= captured + MAX_SECS_IN_FUTURE * 10**9:
+    if stated is not None and captured - _PAST_NS <= stated <= captured + _FUTURE_NS:
         return stated / 1e9
     return captured / 1e9
 
 
-def log_entry(record: Record, trace_id: str) -> dict[str, Any]:
-    """The Sentry log for ``record`` (before any size cut): see the module docstring for the shape."""
-    level, severity = _LEVELS.get(record.level, ("info", 9))
-    tags = record.tags
-    attributes: dict[str, Any] = {}
-    attrs = record.attributes
-    if attrs:
-        for key, value in attrs.items():
-            attributes[key] = _typed(value)
-    attributes[HOST] = {"value": tags.host, "type": "string"}
-    attributes[SOURCE] = {"value": tags.source, "type": "string"}
-    attributes[SERVICE] = {"value": tags.service, "type": "string"}
-    attributes[STREAM] = {"value": record.stream, "type": "string"}
-    entry: dict[str, Any] = {
-        "timestamp": _event_time_s(record),
-        "trace_id": _hex_id(attrs, TRACE_ID_KEYS, 32) or trace_id,
-        "level": level,
-        "severity_number": severity,
-        "body": record.message,
-        "attributes": attributes,
+def _tag_attributes(tags: Tags, stream: str) -> dict[str, dict[str, str]]:
+    """The four tag attributes of a log (``host``, ``source``, ``service``, ``stream``), as plain dicts."""
+    return {
+        HOST: {"value": tags.host, "type": "string"},
+        SOURCE: {"value": tags.source, "type": "string"},
+        SERVICE: {"value": tags.service, "type": "string"},
+        STREAM: {"value": stream, "type": "string"},
     }
-    span_id = _hex_id(attrs, SPAN_ID_KEYS, 16)
-    if span_id is not None:
-        entry["span_id"] = span_id
-    return entry
 
 
-def _encode_log(record: Record, trace_id: str) -> bytes:
-    entry = log_entry(record, trace_id)
+@functools.lru_cache(maxsize=TAG_FRAGMENT_CACHE)
+def _tag_fragments(host: str, source: str, service: str, stream: str) -> tuple[dict[str, Any], orjson.Fragment]:
+    """The tag attributes of one source and stream serialised once: each value as an ``orjson.Fragment`` (for a
+    record with attributes of its own), and the whole ``attributes`` object as one (for a record without)."""
+    plain = _tag_attributes(Tags(host, source, service), stream)
+    return {key: orjson.Fragment(orjson.dumps(value)) for key, value in plain.items()}, orjson.Fragment(
+        orjson.dumps(plain)
+    )
+
+
+def _log_entries(
+    records: Sequence[Record], trace_id: str, events: list[Batch] | None, *, plain: bool = False
+) -> list[dict[str, Any]]:
+    """The Sentry log of every record (before any size cut), in order; appends to ``events`` (unless ``None``) the
+    issue-event batch of every record holding a traceback.
+
+    Built for speed (it runs for every record). Unless ``plain``, the tag attributes are pre-serialised
+    ``orjson.Fragment`` objects shared between logs (:func:`_tag_fragments`): such a log is only for
+    ``orjson.dumps``, never to be read or changed. With ``plain``, every attribute is a ``{"value", "type"}`` dict
+    (the same JSON).
+    """
+    entries: list[dict[str, Any]] = []
+    append = entries.append
+    levels = _LOG_LEVELS
+    past_ns, future_ns, int_min, int_max = _PAST_NS, _FUTURE_NS, _INT_MIN, _INT_MAX
+    no_ids = _ID_KEYS.isdisjoint
+    mark = _TRACEBACK_MARK
+    typed = _typed
+    last_tags: Tags | None = None
+    last_stream = ""
+    tag_attrs: Mapping[str, Any] = {}
+    tags_only: Any = None  # the ``attributes`` of a record without attributes of its own
+    for record in records:
+        tags = record.tags
+        stream = record.stream
+        if tags is not last_tags or stream != last_stream:
+            if plain:
+                tag_attrs = tags_only = _tag_attributes(tags, stream)
+            else:
+                tag_attrs, tags_only = _tag_fragments(tags.host, tags.source, tags.service, stream)
+            last_tags, last_stream = tags, stream
+        level = record.level
+        name, severity = levels[0] if level is None else levels[level]
+        captured = record.timestamp_ns
+        stated = record.event_time_ns
+        if stated is not None and -past_ns <= stated - captured <= future_ns:
+            captured = stated
+        message = record.message
+        attrs = record.attributes
+        if not attrs:
+            append(
+                {
+                    "timestamp": captured / 1e9,
+                    "trace_id": trace_id,
+                    "level": name,
+                    "severity_number": severity,
+                    "body": message,
+                    "attributes": tags_only,
+                }
+            )
+            if events is not None and mark in message:
+                event = _event_batch(record, trace_id)
+                if event is not None:
+                    events.append(event)
+            continue
+        attributes: dict[str, Any] = {}
+        for key, value in attrs.items():
+            kind = type(value)
+            if kind is str:
+                attributes[key] = {"value": value, "type": "string"}
+            elif kind is int and int_min <= value <= int_max:
+                attributes[key] = {"value": value, "type": "integer"}
+            else:
+                attributes[key] = typed(value)
+        attributes.update(tag_attrs)  # a record attribute named like a tag keeps its place, with the tag's value
+        entry: dict[str, Any] = {
+            "timestamp": captured / 1e9,
+            "trace_id": trace_id,
+            "level": name,
+            "severity_number": severity,
+            "body": message,
+            "attributes": attributes,
+        }
+        if not no_ids(attrs):
+            entry["trace_id"] = _hex_id(attrs, TRACE_ID_KEYS, 32) or trace_id
+            span_id = _hex_id(attrs, SPAN_ID_KEYS, 16)
+            if span_id is not None:
+                entry["span_id"] = span_id
+        append(entry)
+        if events is not None and (mark in message or EXC_INFO in attrs):
+            event = _event_batch(record, trace_id)
+            if event is not None:
+                events.append(event)
+    return entries
+
+
+def log_entry(record: Record, trace_id: str) -> dict[str, Any]:
+    """The Sentry log for ``record`` (before any size cut), as plain dicts: see the module docstring for the shape.
+
+    Args:
+        record: the record.
+        trace_id: the ``trace_id`` (32 hex) used when the record carries no valid one of its own.
+    """
+    return _log_entries((record,), trace_id, None, plain=True)[0]
+
+
+def _dump_log(entry: dict[str, Any], record: Record, trace_id: str) -> bytes:
+    """One log (``entry``, the log of ``record``) as JSON; when it alone would not fit in a ``log`` item, the
+    record's log is rebuilt as plain dicts and cut (:func:`_cut_log`)."""
     data = orjson.dumps(entry)
     limit = MAX_LOG_ITEM_BYTES - _ITEM_OVERHEAD
     if len(data) > limit:
-        data = _cut_log(entry, limit)
+        data = _cut_log(log_entry(record, trace_id), limit)
     return data
 
 
@@ -359,8 +506,8 @@ def _cut_utf8(text: str, max_bytes: int) -> str:
 
 
 def _cut_log(entry: dict[str, Any], limit: int) -> bytes:
-    """Cut the longest strings (body, string attributes) until the encoded log fits in ``limit`` bytes, and mark
-    it ``truncated``."""
+    """Cut the longest strings (body, string attributes) of ``entry`` (a :func:`log_entry`, changed in place)
+    until the encoded log fits in ``limit`` bytes, and mark it ``truncated``."""
     attributes: dict[str, Any] = entry["attributes"]
     attributes[TRUNCATED] = {"value": True, "type": "boolean"}
     data = orjson.dumps(entry)

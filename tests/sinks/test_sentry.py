@@ -15,7 +15,7 @@ import orjson
 import pytest
 import sentry_sdk
 from pytest_httpserver import HTTPServer
-from sentry_sdk.envelope import Envelope
+from sentry_sdk.envelope import Envelope, Item, PayloadRef
 from werkzeug import Request, Response
 
 from forwarder.config import ConfigError, HttpSettings, Secret
@@ -394,6 +394,101 @@ def test_encode_traceback_record_gives_event_first_and_a_log() -> None:
     assert len(encoded.batches[1].records) == 3
     # deterministic event id: re-encoding (a split) yields the same event
     assert encode(records[1:2], TRACE).batches[0].payload.event_id == encoded.batches[0].payload.event_id
+
+
+def test_log_envelope_is_byte_for_byte_what_sentry_sdk_writes() -> None:
+    records = [rec("plain"), rec("with attrs", level=Level.ERROR, job_id="AJ_1", pid=7, ratio=0.5, ok=True)]
+    (batch,) = encode(records, TRACE).batches
+    raw = gzip.decompress(batch.payload.body)
+    (item,) = decode(batch.payload.body).items
+    expected = Envelope(
+        headers={"sdk": sentry.SDK_INFO},
+        items=[
+            Item(
+                payload=PayloadRef(bytes=item.get_bytes()),
+                type="log",
+                content_type=sentry.LOG_CONTENT_TYPE,
+                headers={"item_count": 2},
+            )
+        ],
+    ).serialize()
+    assert raw == expected
+    assert batch.size == len(raw) and batch.payload.items == 2
+
+
+OTHER_TAGS = Tags(host="worker-8", source="agent-b", service="cloud.livekit.io")
+
+
+def test_encoded_logs_are_the_plain_log_entries() -> None:
+    """Pre-serialised tag attributes and the one dump per item give exactly the JSON of :func:`log_entry`, key order
+    included, across changes of source and stream and with a record attribute named like a tag."""
+    records = [
+        rec("no attributes"),
+        rec("attributes", name="livekit.agents", pid=4242, job_id="AJ_1"),
+        rec("stderr line", stream="stderr"),
+        rec("names a tag", host="spoofed", level=Level.WARNING, n=2**70, f=float("inf"), nested={"a": [1]}),
+        Record(1_763_733_178_043_707_123, "other source", "stdout", OTHER_TAGS, Level.DEBUG, {"k": "v"}),
+        Record(1_763_733_178_043_707_123, "other, bare", "stdout", OTHER_TAGS, None, None),
+        rec("ids", trace_id="0AF7651916CD43DD8448EB211C80319C", span_id="b7ad6b7169203331"),
+        rec("back to the first"),
+    ]
+    (batch,) = encode(records, TRACE).batches
+    (item,) = decode(batch.payload.body).items
+    expected = b'{"items":[' + b",".join(orjson.dumps(log_entry(r, TRACE)) for r in records) + b"]}"
+    assert item.get_bytes() == expected
+    logs = logs_of(decode(batch.payload.body))
+    assert list(logs[3]["attributes"])[:2] == ["host", "n"]  # the record's key keeps its place...
+    assert logs[3]["attributes"]["host"] == {"value": "worker-7", "type": "string"}  # ...with the tag's value
+    assert logs[4]["attributes"]["host"] == {"value": "worker-8", "type": "string"}
+    assert logs[5]["attributes"] == {
+        "host": {"value": "worker-8", "type": "string"},
+        "source": {"value": "agent-b", "type": "string"},
+        "service": {"value": "cloud.livekit.io", "type": "string"},
+        "stream": {"value": "stdout", "type": "string"},
+    }
+    assert logs[2]["attributes"]["stream"] == {"value": "stderr", "type": "string"}
+    assert (logs[6]["trace_id"], logs[6]["span_id"]) == ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")
+    assert "span_id" not in logs[7] and logs[7]["trace_id"] == TRACE
+
+
+def test_encode_packs_greedily_when_100_logs_pass_the_item_limit() -> None:
+    """Logs of ~15 kB (100 of them pass 1 MiB) and one that alone passes it, mid-chunk: every item within the limit,
+    each item full (the next log would not have fit), nothing lost or reordered."""
+    records = [rec(f"{i:04d} " + "z" * (15_000 + 37 * (i % 11))) for i in range(400)]
+    records[150] = rec("0150 " + "q" * 2_000_000)
+    encoded = encode(records, TRACE)
+    sizes = [len(orjson.dumps(log_entry(r, TRACE))) for r in records]
+    bodies: list[str] = []
+    at = 0
+    for batch in encoded.batches:
+        (item,) = decode(batch.payload.body).items
+        payload = item.get_bytes()
+        count = len(batch.records)
+        assert len(payload) <= MAX_LOG_ITEM_BYTES and 0 < count <= MAX_LOGS_PER_ENVELOPE
+        assert item.headers["item_count"] == count and list(batch.records) == records[at : at + count]
+        at += count
+        if at < len(records) and count < MAX_LOGS_PER_ENVELOPE:
+            assert len(payload) + 1 + min(sizes[at], MAX_LOG_ITEM_BYTES) > MAX_LOG_ITEM_BYTES
+        bodies += [log["body"][:4] for log in logs_of(decode(batch.payload.body))]
+    assert at == len(records) and bodies == [f"{i:04d}" for i in range(400)]
+    assert len(encoded.batches) > 400 // MAX_LOGS_PER_ENVELOPE  # the byte limit, not the count, cut them
+    cut = [log for batch in encoded.batches for log in logs_of(decode(batch.payload.body)) if log["body"][:4] == "0150"]
+    assert cut[0]["attributes"]["truncated"] == {"value": True, "type": "boolean"}
+
+
+def test_encode_events_first_in_record_order_across_envelopes() -> None:
+    text, _ = chained_traceback()
+    records = [rec(f"line {i}") for i in range(250)]
+    for i in (5, 150, 240):
+        records[i] = rec(f"job {i} crashed\n" + text, level=Level.ERROR)
+    records[200] = rec("structured", level=Level.ERROR, exc_info=SIMPLE)
+    encoded = encode(records, TRACE)
+    events = [b for b in encoded.batches if b.payload.categories == EVENT_CATEGORIES]
+    logs = [b for b in encoded.batches if b.payload.categories == LOG_CATEGORIES]
+    assert encoded.batches == events + logs
+    assert [len(b.records) for b in logs] == [100, 100, 50]
+    singles = [encode([records[i]], TRACE).batches[0].payload.event_id for i in (5, 150, 200, 240)]
+    assert [b.payload.event_id for b in events] == singles
 
 
 # --- classify -----------------------------------------------------------------------------------------------------
