@@ -7,6 +7,8 @@ Sources and shaping create them; the spool stores them; each sink maps them onto
 from __future__ import annotations
 
 import enum
+import functools
+import time
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -136,7 +138,11 @@ class Record:
 
 def format_rfc3339_ns(ns: int) -> str:
     """Format ``ns`` nanoseconds since the epoch as ``YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`` (UTC)."""
-    import time
-
     secs, frac = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac:09d}Z"
+    return f"{_utc_second(secs)}.{frac:09d}Z"
+
+
+@functools.lru_cache(maxsize=1024)
+def _utc_second(secs: int) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` (UTC) of ``secs`` seconds since the epoch; cached: records come in time order."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))

@@ -24,7 +24,8 @@ MAX_BATCH_BYTES: Final = 4 * 1024 * 1024
 def encode_records(records: Sequence[Record]) -> list[bytes]:
     """Each record as one NDJSON line (``Record.to_dict`` shape, ``\\n``-terminated)."""
     dumps = orjson.dumps
-    return [dumps(r.to_dict()) + b"\n" for r in records]
+    newline = orjson.OPT_APPEND_NEWLINE
+    return [dumps(r.to_dict(), option=newline) for r in records]
 
 
 class FileSink:

@@ -1,0 +1,45 @@
+"""Record helpers: RFC 3339 formatting (cached per second) and the NDJSON shape."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import orjson
+import pytest
+
+from forwarder.record import Level, Record, Tags, format_rfc3339_ns
+from forwarder.sinks.file import encode_records
+
+
+@pytest.mark.parametrize(
+    ("ns", "expected"),
+    [
+        (0, "1970-01-01T00:00:00.000000000Z"),
+        (1, "1970-01-01T00:00:00.000000001Z"),
+        (1_709_164_799_999_999_999, "2024-02-28T23:59:59.999999999Z"),
+        (1_709_164_800_000_000_000, "2024-02-29T00:00:00.000000000Z"),
+        (1_795_275_141_123_456_789, "2026-11-21T15:32:21.123456789Z"),
+    ],
+)
+def test_format_rfc3339_ns(ns: int, expected: str) -> None:
+    assert format_rfc3339_ns(ns) == expected
+
+
+def test_format_rfc3339_ns_agrees_with_datetime_across_many_seconds() -> None:
+    start = 1_795_275_141 * 10**9
+    for step in range(0, 5000):
+        ns = start + step * 250_000_123  # crosses ~1250 seconds, more than the cache holds
+        secs, frac = divmod(ns, 10**9)
+        want = dt.datetime.fromtimestamp(secs, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:09d}Z"
+        assert format_rfc3339_ns(ns) == want
+
+
+def test_file_sink_lines_are_to_dict_as_ndjson() -> None:
+    tags = Tags("h", "s", "svc")
+    records = [
+        Record(1_795_275_141_000_000_005, "hello", "stdout", tags, Level.INFO, {"k": 1}, None),
+        Record(1_795_275_142_000_000_000, "a\nb", "stderr", tags, None, None, 7),
+    ]
+    lines = encode_records(records)
+    assert [orjson.loads(line) for line in lines] == [r.to_dict() for r in records]
+    assert all(line.endswith(b"\n") and line.count(b"\n") == 1 for line in lines)
