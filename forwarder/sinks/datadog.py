@@ -45,7 +45,7 @@ import httpx
 import orjson
 
 from forwarder.config import ConfigError, HttpSettings, Secret, parse_choice
-from forwarder.record import TRUNCATED, Level, Record
+from forwarder.record import TRUNCATED, Level, Record, Tags
 from forwarder.sinks._http import gzip_bytes, make_client, parse_retry_after, transport_verdict
 from forwarder.sinks._protocol import OK, Batch, Encoded, Outcome, Verdict, drop, retry, split
 
@@ -374,6 +374,226 @@ def _record_object(record: Record, now_ns: int, fresh_after: int) -> dict[str, A
 
 _DDTAGS: Final = {"stdout": "stream:stdout", "stderr": "stream:stderr"}
 
+# The batch encoder. Each record becomes a dict that orjson.dumps encodes to the same object as encode_record's:
+# the constant fields (hostname, ddsource, service, ddtags, stream and status: one set per tags, stream and level)
+# are pre-encoded once into an orjson.Fragment, put as the value of "hostname" (the fragment is the rest of the
+# object's text from that value on: '"worker-7","ddsource":"CA_agent42",...,"status":"info"'), so that a record
+# only adds its own fields. A whole window of records is then encoded by one orjson.dumps of their list.
+
+_HEAD_KEY: Final = "hostname"
+_HEAD_TEXT_START: Final = len(b'{"hostname":')
+_RESERVED_BUT_TIMESTAMP: Final = RESERVED - {"timestamp"}
+"""The reserved names but ``timestamp`` (which a JSON line's attributes nearly always carry; it is nested here)."""
+_Heads = dict[Level | None, orjson.Fragment]
+
+
+def _heads(tags: Tags, stream: str) -> _Heads | None:
+    """Level (or ``None``) -> the fragment of the constant fields of ``tags``, ``stream`` and that level's
+    ``status``; ``None`` when the tags cannot be encoded as they are (those records take the dict path)."""
+    fields: dict[str, Any] = {
+        "hostname": tags.host,
+        "ddsource": tags.source,
+        "service": tags.service,
+        "ddtags": _DDTAGS.get(stream) or f"stream:{stream}",
+        "stream": stream,
+    }
+    heads: _Heads = {}
+    for level in (None, *STATUS):
+        try:
+            data = orjson.dumps(fields if level is None else {**fields, "status": STATUS[level]}, default=str)
+        except orjson.JSONEncodeError:
+            return None
+        assert data.startswith(b'{"hostname":') and data.endswith(b"}")
+        heads[level] = orjson.Fragment(data[_HEAD_TEXT_START:-1])
+    return heads
+
+
+def _record_objects(records: Sequence[Record], now_ns: int) -> list[dict[str, Any]]:
+    """``records`` as dicts that ``orjson.dumps`` encodes to their log objects (with the constant fields as one
+    fragment; keys in another order than :func:`_record_object`'s).
+
+    The common shapes are built here in line: a fresh time, attributes with no reserved name but ``timestamp``
+    (nested under ``attributes``). An old record, one with another reserved attribute name, or one whose tags do
+    not encode is left to :func:`_record_object`.
+    """
+    fresh_after = now_ns - (MAX_AGE_NS - AGE_MARGIN_NS)
+    future_limit = now_ns + MAX_FUTURE_NS
+    others_disjoint = _RESERVED_BUT_TIMESTAMP.isdisjoint
+    cache: dict[tuple[int, str], _Heads | None] = {}
+    objects: list[dict[str, Any]] = []
+    append = objects.append
+    last_tags: Tags | None = None
+    last_stream = ""
+    heads: _Heads | None = None
+    for record in records:
+        event = record.event_time_ns
+        if event is not None and fresh_after <= event <= future_limit:
+            ts = event // _NS_PER_MS
+        else:
+            ts = record.timestamp_ns
+            if ts < fresh_after:
+                append(_record_object(record, now_ns, fresh_after))
+                continue
+            ts //= _NS_PER_MS
+        tags = record.tags
+        stream = record.stream
+        if tags is not last_tags or stream != last_stream:
+            key = (id(tags), stream)
+            if key not in cache:
+                cache[key] = _heads(tags, stream)
+            heads, last_tags, last_stream = cache[key], tags, stream
+        attributes = record.attributes
+        if attributes:
+            if heads is None or not others_disjoint(attributes):
+                append(_record_object(record, now_ns, fresh_after))
+                continue
+            obj = attributes.copy()
+            if "timestamp" in obj:  # nested, then overwritten
+                obj[ATTRIBUTES_KEY] = {"timestamp": obj["timestamp"]}
+            obj[_HEAD_KEY] = heads[record.level]
+            obj["message"] = record.message
+            obj["timestamp"] = ts
+            append(obj)
+        elif heads is None:
+            append(_record_object(record, now_ns, fresh_after))
+        else:
+            append({_HEAD_KEY: heads[record.level], "message": record.message, "timestamp": ts})
+    return objects
+
+
+FAST_MARGIN: Final = 0.8
+"""Records are encoded together (one ``orjson.dumps``) only in groups expected, from the bytes per record seen so
+far, to take at most this fraction of the room left (in the batch, and :data:`MAX_LOG_BYTES`)."""
+MIN_GROUP: Final = 8
+"""When fewer records than this are expected to fit, they are encoded one at a time instead."""
+
+
+def _encoded_size(obj: dict[str, Any]) -> float:
+    """Bytes ``obj`` takes in an array (its JSON and a separator), or 0 when it does not encode as it is."""
+    try:
+        return len(orjson.dumps(obj, default=str)) + 1
+    except orjson.JSONEncodeError:
+        return 0
+
+
+class _Packer:
+    """Greedy packing of records into batches: a record goes into the current batch unless that would take it over
+    ``max_entries`` objects or ``goal`` bytes, the same batches as if each record were encoded alone.
+
+    Groups of records are encoded by one ``orjson.dumps`` of their objects (the fast path); the group is kept if
+    it encoded, fits the batch and is at most :data:`MAX_LOG_BYTES` + 2 bytes (so that no object in it can be
+    over the limit). Otherwise its records are encoded one at a time (:meth:`_add_each`), as are records near the
+    end of a batch's byte goal.
+    """
+
+    def __init__(self, records: Sequence[Record], now_ns: int, max_entries: int, goal: int) -> None:
+        self.records = records
+        self.now_ns = now_ns
+        self.max_entries = max_entries
+        self.goal = goal
+        self.batches: list[Batch] = []
+        self.start = 0
+        """Index in ``records`` of the current batch's first record."""
+        self.count = 0
+        """Objects in the current batch."""
+        self.size = 1
+        """Bytes of the current batch's array: ``[``, then each part's length plus the ``,`` or ``]`` after it."""
+        self.parts: list[bytes | memoryview] = []
+        """The current batch's array contents, in pieces of one or more objects (without brackets; views of the
+        groups' arrays, not copies)."""
+        self.whole: bytes | None = None
+        """The current batch's whole array while it is one group (so that it is not copied)."""
+        self.per_record = 0.0
+        """Encoded bytes per record lately (0 before any)."""
+
+    def add(self, window: Sequence[Record], objects: list[dict[str, Any]]) -> None:
+        """Add the next ``len(window)`` records (at most ``max_entries - count``) and their ``objects``."""
+        total = len(objects)
+        done = 0
+        while done < total:
+            k = total - done
+            # Bytes a group may add: what is left of the goal, and at most MAX_LOG_BYTES (+1: its "," or "]").
+            expected_room = min(self.goal - self.size, MAX_LOG_BYTES + 1) * FAST_MARGIN
+            if not self.per_record:  # nothing encoded yet: guess from the first record
+                self.per_record = _encoded_size(objects[done])
+            if not self.per_record:  # it does not encode: a small group first
+                k = min(k, MIN_GROUP)
+            elif self.per_record * k > expected_room:  # then fewer: expected_room / per_record < k
+                k = int(expected_room / self.per_record)
+            if k < MIN_GROUP:  # near the end of the batch, or large records
+                done = self._add_each(window, objects, done, total, until_flush=True)
+                continue
+            group = objects if k == total else objects[done : done + k]
+            try:
+                data = orjson.dumps(group, default=str)
+            except orjson.JSONEncodeError:  # unencodable values or non-string keys: one at a time
+                done = self._add_each(window, objects, done, done + k, until_flush=False)
+                continue
+            cost = len(data) - 1
+            self.per_record = cost / k
+            if cost > MAX_LOG_BYTES + 1 or self.size + cost > self.goal:
+                done = self._add_each(window, objects, done, done + k, until_flush=False)
+                continue
+            if self.count:
+                self._open()
+                self.parts.append(memoryview(data)[1:-1])
+            else:
+                self.whole = data
+            self.count += k
+            self.size += cost
+            done += k
+
+    def _add_each(
+        self, window: Sequence[Record], objects: list[dict[str, Any]], lo: int, hi: int, *, until_flush: bool
+    ) -> int:
+        """Add the records ``lo`` to ``hi`` one at a time (a record that does not encode, or is over
+        :data:`MAX_LOG_BYTES`, through :func:`encode_record`); with ``until_flush``, stop after the first one that
+        starts a new batch. Returns the index after the last record added."""
+        encoded = 0
+        for index in range(lo, hi):
+            try:
+                data = orjson.dumps(objects[index], default=str)
+            except orjson.JSONEncodeError:
+                data = encode_record(window[index], self.now_ns)
+            if len(data) > MAX_LOG_BYTES:
+                data = encode_record(window[index], self.now_ns)
+            cost = len(data) + 1
+            encoded += cost
+            flush = bool(self.count) and (self.count >= self.max_entries or self.size + cost > self.goal)
+            if flush:
+                self.flush()
+            self._open()
+            self.parts.append(data)
+            self.count += 1
+            self.size += cost
+            if flush and until_flush:
+                hi = index + 1
+                break
+        self.per_record = encoded / (hi - lo)
+        return hi
+
+    def _open(self) -> None:
+        """Turn a batch held as one whole array into parts, before another part is added."""
+        if self.whole is not None:
+            self.parts.append(memoryview(self.whole)[1:-1])
+            self.whole = None
+
+    def flush(self) -> None:
+        """Close the current batch (if it holds anything) and start a new one."""
+        if not self.count:
+            return
+        if self.whole is not None:
+            raw = self.whole
+        else:  # one copy: "[", part, ",", part, ..., "]" joined
+            pieces: list[bytes | memoryview] = [b","] * (2 * len(self.parts) + 1)
+            pieces[1::2] = self.parts
+            pieces[0], pieces[-1] = b"[", b"]"
+            raw = b"".join(pieces)
+        end = self.start + self.count
+        assert len(raw) == self.size <= MAX_CONTENT_BYTES and self.count <= MAX_ENTRIES
+        self.batches.append(Batch(records=self.records[self.start : end], payload=gzip_bytes(raw), size=self.size))
+        self.start, self.count, self.size, self.parts, self.whole = end, 0, 1, [], None
+
 
 def encode(
     records: Sequence[Record],
@@ -383,6 +603,11 @@ def encode(
     goal_bytes: int = BATCH_GOAL_BYTES,
 ) -> Encoded:
     """Cut ``records`` (in order) into gzip'd JSON-array payloads within Datadog's limits.
+
+    Each record is the object :func:`encode_record` makes (keys may come in another order). Records are packed
+    greedily: a batch takes records until the next would take it over ``max_entries`` objects or ``goal_bytes``.
+    Typical records are encoded a batch at a time with one ``orjson.dumps``; a group that does not encode or might
+    be over a limit is encoded one record at a time (see :class:`_Packer`).
 
     Args:
         records: the records to encode.
@@ -395,105 +620,18 @@ def encode(
         <= ``max_entries`` objects). Nothing is dropped: over-long records are cut and marked ``truncated``.
     """
     now = time.time_ns() if now_ns is None else now_ns
-    fresh_after = now - (MAX_AGE_NS - AGE_MARGIN_NS)
-    future_limit = now + MAX_FUTURE_NS
-    max_entries = min(max_entries, MAX_ENTRIES)
-    goal = min(goal_bytes, BATCH_GOAL_BYTES)
-    batches: list[Batch] = []
-    items: list[bytes] = []
-    start = 0
-    size = 1  # "[", then each item counts its own length plus the "," or "]" after it
-    dumps = orjson.dumps
-    reserved = RESERVED
-    reserved_disjoint = reserved.isdisjoint
-    status_bytes = _STATUS_BYTES
-    prefixes: dict[tuple[int, str], bytes] = {}
-    for index, record in enumerate(records):
-        # Fast path: splice the pre-encoded constant fields, the message and the attributes (one dumps each).
-        # Anything unusual (old times, clashing attributes, unencodable values, too long) takes the dict path.
-        data: bytes | None = None
-        event = record.event_time_ns
-        if event is not None and fresh_after <= event <= future_limit:
-            ts = event // _NS_PER_MS
-        elif record.timestamp_ns >= fresh_after:
-            ts = record.timestamp_ns // _NS_PER_MS
-        else:
-            ts = -1
-        attributes = record.attributes
-        nested: bytes = b""
-        if attributes and not reserved_disjoint(attributes):
-            # A JSON line's own "timestamp" (and other reserved names) go under "attributes", as in the dict
-            # path; the rest stay at the top level.
-            clash = reserved.intersection(attributes)
-            if len(clash) == 1:  # the common case (a JSON line's own "timestamp"): two C-level dict operations
-                (name,) = clash
-                attributes = attributes.copy()
-                nested_attrs = {name: attributes.pop(name)}
-            else:
-                nested_attrs = {k: v for k, v in attributes.items() if k in reserved}
-                attributes = {k: v for k, v in attributes.items() if k not in reserved}
-            try:
-                nested = b',"attributes":' + dumps(nested_attrs, default=str, option=_DUMPS_OPTIONS)
-            except orjson.JSONEncodeError:
-                ts = -1
-        if ts >= 0:
-            key = (id(record.tags), record.stream)
-            prefix = prefixes.get(key)
-            if prefix is None:
-                prefix = prefixes[key] = _prefix(record)
-            level = record.level
-            try:
-                data = b"".join(
-                    (
-                        prefix,
-                        str(ts).encode(),
-                        b',"message":',
-                        dumps(record.message),
-                        status_bytes[level] if level is not None else b"",
-                        b"," + dumps(attributes, default=str, option=_DUMPS_OPTIONS)[1:-1] if attributes else b"",
-                        nested,
-                        b"}",
-                    )
-                )
-            except orjson.JSONEncodeError:
-                data = None
-        if data is None or len(data) > MAX_LOG_BYTES:
-            data = encode_record(record, now)
-        cost = len(data) + 1
-        if items and (len(items) >= max_entries or size + cost > goal):
-            batches.append(_batch(records[start:index], items, size))
-            items, start, size = [], index, 1
-        items.append(data)
-        size += cost
-    if items:
-        batches.append(_batch(records[start:], items, size))
-    return Encoded(batches)
-
-
-_STATUS_BYTES: Final = {level: b',"status":' + orjson.dumps(name) for level, name in STATUS.items()}
-
-
-def _prefix(record: Record) -> bytes:
-    """``{"hostname":…,"ddsource":…,"service":…,"ddtags":…,"stream":…,"timestamp":`` for the record's tags."""
-    tags = record.tags
-    stream = record.stream
-    head = orjson.dumps(
-        {
-            "hostname": tags.host,
-            "ddsource": tags.source,
-            "service": tags.service,
-            "ddtags": _DDTAGS.get(stream) or f"stream:{stream}",
-            "stream": stream,
-        },
-        default=str,
-    )
-    return head[:-1] + b',"timestamp":'
-
-
-def _batch(records: Sequence[Record], items: list[bytes], size: int) -> Batch:
-    raw = b"[" + b",".join(items) + b"]"
-    assert len(raw) == size <= MAX_CONTENT_BYTES and len(items) <= MAX_ENTRIES
-    return Batch(records=records, payload=gzip_bytes(raw), size=size)
+    packer = _Packer(records, now, max(1, min(max_entries, MAX_ENTRIES)), min(goal_bytes, BATCH_GOAL_BYTES))
+    total = len(records)
+    index = 0
+    while index < total:
+        take = min(packer.max_entries - packer.count, total - index)
+        window = records[index : index + take]
+        packer.add(window, _record_objects(window, now))
+        index += take
+        if packer.count >= packer.max_entries:
+            packer.flush()
+    packer.flush()
+    return Encoded(packer.batches)
 
 
 # ------------------------------------------------------------------------------------------------------------
