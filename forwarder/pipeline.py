@@ -4,7 +4,9 @@ Sources call :meth:`Ingest.submit` (synchronous, never waits on a destination) w
 (:meth:`Ingest.run`) takes everything pending at once, shapes it, scrubs secrets and appends the records to the
 buffer. Readers are therefore drained at once whatever the destinations do; the only limit is
 :data:`MAX_PENDING_BYTES` of lines not yet shaped (local CPU work), past which :meth:`Ingest.wait_for_room` makes
-readers wait.
+readers wait. Sources that can wait without losing anything (tailed files) call :meth:`Ingest.wait_for_delivery`
+instead: they also wait for the destinations that keep up, so that a file read from its head is read no faster than
+it is delivered (the file is the buffer; a stalled destination holds nobody back).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ wait past it, which only ever happens when the source is faster than shaping (ta
 SHAPE_SLICE_BYTES: Final = 1024 * 1024
 """Lines shaped and appended to the buffer at a time, bytes (characters): bounds the records alive at once (a
 record with a few attributes is ~1 KiB of Python objects) while keeping per-append costs negligible."""
+
+PACED_PENDING_BYTES: Final = SHAPE_SLICE_BYTES
+"""Lines pending (not yet shaped) past which :meth:`Ingest.wait_for_delivery` waits, bytes: with one slice being
+shaped and at most this much more read ahead, the buffer sees the delivery lag at once."""
 
 RecordObserver = Callable[[list[Record]], None]
 """Called with each list of records just appended (e.g. the ``/logs`` ring buffer); must be fast."""
@@ -109,9 +115,22 @@ class Ingest:
 
     async def wait_for_room(self) -> None:
         """Wait while more than :data:`MAX_PENDING_BYTES` of lines are pending (a reader calls this after submit)."""
-        while self._pending_bytes > MAX_PENDING_BYTES and not self._closed:
-            self._room = trio.Event()
+        await self._wait_pending_at_most(MAX_PENDING_BYTES)
+
+    async def _wait_pending_at_most(self, limit: int) -> None:
+        while self._pending_bytes > limit and not self._closed:
+            if self._room.is_set():  # one event for every waiter: replacing an unset one would strand its waiters
+                self._room = trio.Event()
             await self._room.wait()
+
+    async def wait_for_delivery(self) -> None:
+        """Wait until at most :data:`PACED_PENDING_BYTES` of lines are pending, then while a destination that keeps
+        up lags behind the buffer's newest chunks (:meth:`~forwarder.delivery.buffer.Buffer.wait_for_readers`).
+        For sources that can wait without losing anything (tailed files): they then read no faster than delivery,
+        and what they read reaches the destinations from memory."""
+        await self._wait_pending_at_most(PACED_PENDING_BYTES)
+        if not self._closed:
+            await self.buffer.wait_for_readers()
 
     def close(self) -> None:
         """No more input: :meth:`run` shapes what is pending, flushes open groups and returns."""
@@ -149,8 +168,7 @@ class Ingest:
                     else:
                         records.extend(shaper.feed(stream, redact(lines), now, times))
                 self._pending_bytes -= size
-                if self._pending_bytes <= MAX_PENDING_BYTES:
-                    self._room.set()
+                self._room.set()  # waiters check their own limit
                 if index < len(pending):
                     await self._append(records, self._ready_checkpoints())
                     continue

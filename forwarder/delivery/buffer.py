@@ -23,6 +23,13 @@ from forwarder.record import Record
 SPOOL_FULL: Final = "spool_full"
 RECORD_OVERHEAD_BYTES: Final = 64
 """Approximate per-record cost beyond its message, used for byte accounting of in-memory chunks."""
+STALLED_AFTER_S: Final = 2.0
+"""A destination that has not taken a chunk for this long (seconds) while not waiting for one (e.g. down and
+retrying, or hanging) is *stalled*: it no longer paces sources that can wait (:meth:`Buffer.wait_for_readers`)
+and keeps nothing cached in memory for itself."""
+MAX_READ_LAG_CHUNKS: Final = 2
+""":meth:`Buffer.wait_for_readers` returns once every destination that is not stalled is at most this many chunks
+behind the newest one (chunks appended but not yet handed to it)."""
 
 
 @dataclass(slots=True)
@@ -81,6 +88,14 @@ class Buffer(Protocol):
         """Records appended but not yet acknowledged by ``destination``."""
         ...
 
+    async def wait_for_readers(self) -> None:
+        """Wait while a destination that is not stalled (see :data:`STALLED_AFTER_S`) lags more than
+        :data:`MAX_READ_LAG_CHUNKS` chunks behind the newest chunk. For sources that can wait without losing
+        anything (tailed files): they then read no faster than the destinations deliver, chunks are handed out
+        from memory, and memory stays small; a stalled destination holds nobody back (its backlog goes to the
+        buffer). Returns at once after :meth:`close_input`."""
+        ...
+
     def stored_bytes(self) -> int:
         """Bytes held (approximate for memory, on-disk chunk bytes for the spool)."""
         ...
@@ -96,6 +111,59 @@ class Buffer(Protocol):
     async def aclose(self) -> None:
         """Release resources. What was not acknowledged stays for the next start (durable buffers)."""
         ...
+
+
+class ReadPacer:
+    """Tracks when each destination last took a chunk, to tell the destinations that keep up from the stalled
+    ones (:data:`STALLED_AFTER_S`), and lets sources that can wait follow the ones that keep up.
+
+    A buffer calls :meth:`taking` when a destination enters ``next_chunk`` and :meth:`took` when it leaves it.
+    """
+
+    def __init__(self) -> None:
+        self.reading: set[str] = set()
+        """Destinations inside ``next_chunk`` (waiting for or loading a chunk): never stalled."""
+        self.returned_at: dict[str, float] = {}
+        """When each destination last left ``next_chunk`` (trio clock, seconds)."""
+        self._taken = trio.Event()
+
+    def register(self, destinations: Sequence[str]) -> None:
+        """Start the clock of new destinations now (a destination that never reads is stalled after a while)."""
+        now = trio.current_time() if _in_trio() else 0.0
+        for dest in destinations:
+            self.returned_at.setdefault(dest, now)
+
+    def taking(self, destination: str) -> None:
+        """``destination`` entered ``next_chunk``."""
+        self.reading.add(destination)
+
+    def took(self, destination: str) -> None:
+        """``destination`` left ``next_chunk`` (with a chunk, or cancelled)."""
+        self.reading.discard(destination)
+        self.returned_at[destination] = trio.current_time()
+        self._taken.set()
+        self._taken = trio.Event()
+
+    def active(self, destinations: Sequence[str]) -> list[str]:
+        """The destinations of ``destinations`` that are not stalled."""
+        now = trio.current_time()
+        returned = self.returned_at
+        return [d for d in destinations if d in self.reading or now - returned.get(d, now) < STALLED_AFTER_S]
+
+    async def wait_while(self, lagging: Callable[[], bool]) -> None:
+        """Wait until ``lagging()`` is false, checking again whenever a destination takes a chunk and at least every
+        half :data:`STALLED_AFTER_S` (a destination may become stalled meanwhile)."""
+        while lagging():
+            with trio.move_on_after(STALLED_AFTER_S / 2):
+                await self._taken.wait()
+
+
+def _in_trio() -> bool:
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return False
+    return True
 
 
 def records_size(records: Sequence[Record]) -> int:
@@ -122,6 +190,7 @@ class MemoryBuffer:
         self._closed = False
         self._changed = trio.Event()
         self._checkpoints: dict[str, str] = {}
+        self._pacer = ReadPacer()
 
     def load_checkpoints(self) -> dict[str, str]:
         return dict(self._checkpoints)
@@ -133,6 +202,7 @@ class MemoryBuffer:
         end = self._next_id - 1
         self._read = {d: self._read.get(d, end) for d in destinations}
         self._acked = {d: self._acked.get(d, end) for d in destinations}
+        self._pacer.register(destinations)
 
     async def append(self, records: list[Record], checkpoints: Mapping[str, str] | None = None) -> None:
         if checkpoints:
@@ -170,15 +240,29 @@ class MemoryBuffer:
             self._bytes -= self._chunks.popleft().size
 
     async def next_chunk(self, destination: str) -> Chunk | None:
-        while True:
-            after = self._read[destination]
-            for chunk in self._chunks:
-                if chunk.id > after:
-                    self._read[destination] = chunk.id
-                    return chunk
-            if self._closed:
-                return None
-            await self._changed.wait()
+        self._pacer.taking(destination)
+        try:
+            while True:
+                after = self._read[destination]
+                for chunk in self._chunks:
+                    if chunk.id > after:
+                        self._read[destination] = chunk.id
+                        return chunk
+                if self._closed:
+                    return None
+                await self._changed.wait()
+        finally:
+            self._pacer.took(destination)
+
+    async def wait_for_readers(self) -> None:
+        await self._pacer.wait_while(self._lagging)
+
+    def _lagging(self) -> bool:
+        if self._closed:
+            return False
+        newest = self._next_id - 1
+        read = self._read
+        return any(newest - read[d] > MAX_READ_LAG_CHUNKS for d in self._pacer.active(list(read)))
 
     async def ack(self, destination: str, chunk_id: int) -> None:
         if chunk_id > self._acked[destination]:

@@ -1,16 +1,25 @@
 """The durable spool: the :class:`~forwarder.delivery.buffer.Buffer` protocol on disk (``FORWARDER_BUFFER=disk``).
 
-Storage is one SQLite database, ``<directory>/spool.sqlite3`` (stdlib :mod:`sqlite3`, WAL journal)::
+Storage, in the spool directory: an index in SQLite, ``spool.sqlite3`` (stdlib :mod:`sqlite3`, WAL journal), and one
+file per chunk holding its data, ``chunks/<id>.chunk`` (as Fluent Bit's and Vector's disk buffers do)::
 
     chunks(id INTEGER PRIMARY KEY AUTOINCREMENT, created, n_records, bytes, data BLOB)   -- append-only log
     cursors(destination PRIMARY KEY, acked_id)     -- last chunk each destination acknowledged
     checkpoints(key PRIMARY KEY, value)            -- source positions (tailed files), stored with their records
 
+A row's ``data`` is empty when the chunk's data is in its file (every chunk written by this version); a spool
+written by an earlier version keeps its data in the row, which is read as it is. Chunk data in files rather than in
+SQLite pages costs one ``write``, one ``read`` and one ``unlink`` per chunk instead of writing every 4 KiB page to the
+WAL, copying it into the database at the checkpoint, reading the page chain back, and overwriting it with zeros at
+the delete (Debian's SQLite is built with ``SECURE_DELETE``): about 0.1 us of CPU per record for write + read +
+delete, serialisation aside, instead of about 0.85 (``bench/bench_spool.py --parts``). A chunk acknowledged within
+seconds is usually deleted before the kernel writes it to the disk at all.
+
 Appended records are staged in memory and persisted as one chunk ``flush_interval_s`` after the first of them was
 appended, or as soon as ``chunk_max_bytes`` of them are staged, whichever comes first (by :meth:`Spool.run`, in the
 background). A chunk is serialised once (:func:`encode_chunk`: orjson, column by column, the
-:class:`~forwarder.record.Tags` once per chunk, level as int), compressed with zlib level 1 when that pays (see
-:data:`COMPRESS_ABOVE_FRACTION`), and inserted in one transaction.
+:class:`~forwarder.record.Tags` once per chunk, level as int), compressed (zlib format, by ISA-L) when that pays (see
+:data:`COMPRESS_ABOVE_FRACTION`), written to its file, and its row inserted in one transaction.
 
 Invariants:
 
@@ -25,25 +34,33 @@ Invariants:
 4. A chunk is deleted only once every registered destination has acknowledged it, or when the spool is full.
 5. A checkpoint is never ahead of persisted data: checkpoints passed to :meth:`Spool.append` are written in the same
    transaction as the chunk that holds those records (or a later one), never before.
-6. Bounded: the stored bytes (compressed chunk bytes plus :data:`CHUNK_ROW_OVERHEAD_BYTES` per chunk) stay within
+6. Bounded: the stored bytes (chunk data bytes plus :data:`CHUNK_ROW_OVERHEAD_BYTES` per chunk) stay within
    ``max_bytes`` (itself clamped to the free disk minus a margin at open), except that the newest chunk is always
-   kept. When a flush would exceed it, the oldest chunks are deleted in that same transaction and every destination
-   that had not been handed them counts them as dropped (``spool_full``). Memory is bounded too: staging holds at
+   kept. When a flush would exceed it, the oldest chunks are deleted first (their own transaction, then their
+   files, so that the space is free before the new files are written) and every destination that had not been
+   handed them counts them as dropped (``spool_full``). Memory is bounded too: staging holds at
    most :data:`STAGED_MAX_CHUNKS` x ``chunk_max_bytes`` (plus the append in progress); a cache keeps the newest
    chunks (at most :data:`CACHE_CHUNKS` x ``chunk_max_bytes``, and only for destinations that are reading: one
    busy with a chunk for :data:`STALLED_AFTER_S` or more, e.g. down and retrying, pins nothing) so that
    destinations that keep up never read the disk; a destination that lags reads one chunk at a time from disk,
    and a chunk read back is shared with the other lagging destinations (at most :data:`SHARED_LOADS_CHUNKS` x
    ``chunk_max_bytes``, only while a destination still reading has not had it).
-7. Crash safety: every change is one SQLite transaction; a SIGKILL at any point leaves the database consistent (the
-   WAL replays or discards the last transaction). A clean :meth:`Spool.aclose` persists everything staged.
+7. Crash safety: every change to the index, the cursors and the checkpoints is one SQLite transaction; a chunk's
+   file is complete before the transaction inserting its row commits, and is deleted only after the transaction
+   deleting its row committed. A SIGKILL at any point therefore leaves a consistent spool: the WAL replays or
+   discards the last transaction, every row has its complete file, and a file without a row (cut short by the
+   crash, or whose row was just deleted) is deleted at the next open. The file is written in place, without a
+   temporary name and a rename: no row refers to it before it is complete, so a rename would add nothing. A clean
+   :meth:`Spool.aclose` persists everything staged.
 
-Durability choice: ``PRAGMA synchronous=NORMAL`` in WAL mode. A commit is then written to the WAL without an
-fsync (the WAL is synced at each checkpoint), so a *process* crash (SIGKILL, OOM kill) loses nothing committed,
-and the database is never corrupted; only a power loss or kernel crash may lose the last commits since the last
-WAL checkpoint, and what is lost is a suffix of transactions (cursors never refer to lost chunks; they roll back
-together). ``FULL`` would fsync every commit (five flushes a second plus one ack per chunk per destination), at a
-cost that a log sidecar does not justify.
+Durability choice: ``PRAGMA synchronous=NORMAL`` in WAL mode, and chunk files are not fsynced. A commit is then
+written to the WAL without an fsync (the WAL is synced at each checkpoint), so a *process* crash (SIGKILL, OOM kill)
+loses nothing committed, and the database is never corrupted; only a power loss or kernel crash may lose the last
+commits since the last WAL checkpoint, and what is lost is a suffix of transactions (cursors never refer to lost
+chunks; they roll back together). A chunk whose row survived a power loss but whose file had not reached the disk
+reads back as unreadable and is counted as dropped (``spool_error``): nothing is lost silently. ``FULL`` and an
+fsync per file would cost a disk flush for every chunk and every acknowledgement, which a log sidecar does not
+justify.
 
 Discarded chunk that a destination holds in flight (handed out by :meth:`Spool.next_chunk`, not yet acknowledged):
 its records are in that destination's memory and it may still deliver them, so it is *not* counted as dropped when
@@ -53,17 +70,20 @@ if the spool is closed before that, it is counted as ``spool_full`` then. Nothin
 Destinations: :meth:`Spool.register` keeps the cursors of known destinations, starts a new destination at the
 current end (it receives what is appended from then on, not the backlog), and releases the cursor of a destination
 no longer listed (its undelivered records are counted as dropped with reason ``destination_removed``); chunks no
-remaining destination needs are deleted at once.
+remaining destination needs are deleted at once. Sources that can wait (tailed files) follow the destinations that
+keep up with :meth:`Spool.wait_for_readers` (:class:`~forwarder.delivery.buffer.ReadPacer`).
 
-Threads: SQLite runs in worker threads (:func:`trio.to_thread.run_sync`), except :meth:`Spool.open` and
-:meth:`Spool.register`, which run once at startup on the caller's thread: one writer connection and one reader
-connection, each used under its own lock (``check_same_thread=False``); WAL lets a reader run beside the writer.
-Serialisation and compression run in the worker thread too (zlib releases the GIL); the event loop only moves
-lists. A second process opening the same directory is refused (an exclusive ``flock`` on ``spool.lock``).
+Threads: SQLite and the chunk files are used from worker threads (:func:`trio.to_thread.run_sync`), except in
+:meth:`Spool.open` and :meth:`Spool.register`, which run once at startup on the caller's thread: one writer
+connection and one reader connection, each used under its own lock (``check_same_thread=False``); WAL lets a reader
+run beside the writer. Serialisation, compression and decompression run in the worker thread too (ISA-L releases
+the GIL); the event loop only moves lists. A second process opening the same directory is refused (an exclusive
+``flock`` on ``spool.lock``).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -71,40 +91,54 @@ import shutil
 import sqlite3
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 import orjson
 import structlog
 import trio
+from isal import isal_zlib
 
-from forwarder.delivery.buffer import RECORD_OVERHEAD_BYTES, SPOOL_FULL, Chunk, DropCallback, records_size
+from forwarder.delivery.buffer import (
+    MAX_READ_LAG_CHUNKS,
+    RECORD_OVERHEAD_BYTES,
+    SPOOL_FULL,
+    STALLED_AFTER_S,
+    Chunk,
+    DropCallback,
+    ReadPacer,
+    records_size,
+)
 from forwarder.record import Level, Record, Tags
 
 _log = structlog.get_logger("forwarder")
 
 SPOOL_FILE: Final = "spool.sqlite3"
 LOCK_FILE: Final = "spool.lock"
+CHUNKS_DIR: Final = "chunks"
+"""Sub-directory of the spool directory holding one ``<id>.chunk`` file per chunk (its :func:`encode_chunk` blob)."""
+CHUNK_SUFFIX: Final = ".chunk"
 DEFAULT_FLUSH_INTERVAL_S: Final = 0.2
 """Staged records are persisted at most this long after the first of them was appended, seconds."""
 DEFAULT_CHUNK_MAX_BYTES: Final = 1024 * 1024
 """A chunk is cut once its records reach this size (:func:`~forwarder.delivery.buffer.records_size`, bytes)."""
 DEFAULT_COMPRESS_LEVEL: Final = 1
-"""zlib level for chunk data (0 = always stored uncompressed). Level 1 shrinks typical agent logs ~5-9x for ~0.7 us
-of CPU per record to compress and ~0.3 us to decompress (``bench/bench_spool.py``); it is used only when the stored
-bytes matter (:data:`COMPRESS_ABOVE_FRACTION`)."""
+"""Compression level for chunk data (0 = always stored uncompressed; ISA-L levels go up to 3, higher levels are
+taken as 3). Level 1 shrinks typical agent logs ~5-7x for ~0.25 us of CPU per record to compress and ~0.2 us to
+decompress (``bench/bench_spool.py``; stdlib zlib took ~0.8 and ~0.45); it is used only when the stored bytes
+matter (:data:`COMPRESS_ABOVE_FRACTION`)."""
 COMPRESS_ABOVE_FRACTION: Final = 0.25
 """Chunks are compressed when the spool would then hold more than this fraction of ``max_bytes``, or when a
 destination is stalled (busy with one chunk for :data:`STALLED_AFTER_S`, e.g. down and retrying): then the backlog
-is what the bound must hold, and compression keeps ~5-9x more of it. Otherwise (destinations keep up, or a burst
-is read back within seconds) the chunk is short-lived and stored as it is: about 1 us of CPU per record saved.
-The bound is enforced on the bytes actually stored either way."""
+is what the bound must hold, and compression keeps ~5-7x more of it. Otherwise (destinations keep up, or a burst
+is read back within seconds) the chunk is short-lived and stored as it is: with chunk files the smaller file saves
+almost nothing (~0.05 us per record), while compressing and decompressing would cost ~0.45 us per record. The bound
+is enforced on the bytes actually stored either way."""
 CHUNK_ROW_OVERHEAD_BYTES: Final = 64
-"""Counted per chunk on top of its data bytes (row, index and page overhead), so tiny chunks also fill the bound."""
+"""Counted per chunk on top of its data bytes (row, index and file overhead), so tiny chunks also fill the bound."""
 STAGED_MAX_CHUNKS: Final = 2
 """While :meth:`Spool.run` is running, full chunks are written in the background and :meth:`Spool.append` returns at
 once; it waits for the disk only when more than this many ``chunk_max_bytes`` are staged (memory bound). Without a
@@ -112,14 +146,12 @@ running :meth:`Spool.run`, ``append`` writes each full chunk itself."""
 CACHE_CHUNKS: Final = 4
 """Newest chunks kept in memory after they were written, in units of ``chunk_max_bytes`` (record bytes; the Python
 objects take ~3-4x that); destinations that keep up, or lag by less than this, read them without touching the
-disk. A burst larger than this is read back from disk (~1.2 us of CPU per record)."""
+disk. A burst larger than this is read back from disk (~0.5-1 us of CPU per record, depending on the garbage
+collector's load: reading the file, orjson, building the records)."""
 SHARED_LOADS_CHUNKS: Final = 2
 """A chunk read back from disk by one destination is kept (decoded) for the others that have not read it yet, in
 at most this many ``chunk_max_bytes``: with several destinations behind the cache (a burst, or after an outage),
 each chunk is read and decoded once rather than once per destination. Only used with two or more destinations."""
-STALLED_AFTER_S: Final = 2.0
-"""A destination busy with one chunk for this long (seconds; e.g. down and retrying) no longer keeps chunks in the
-cache: it will read them from disk when it comes back, and memory stays flat while it is down."""
 DISK_MARGIN_MIN_BYTES: Final = 100 * 1024 * 1024
 DISK_MARGIN_FRACTION: Final = 0.05
 """``max_bytes`` is clamped at open to the spool's current size plus the free disk space minus a margin of
@@ -134,12 +166,13 @@ BUSY_TIMEOUT_MS: Final = 5000
 DESTINATION_REMOVED: Final = "destination_removed"
 """Drop reason for records pending for a destination that is no longer configured (its cursor is released)."""
 SPOOL_ERROR: Final = "spool_error"
-"""Drop reason for records the spool could not write (I/O error) or read back (unreadable chunk)."""
+"""Drop reason for records the spool could not write (I/O error) or read back (unreadable or missing chunk)."""
 
 FORMAT_VERSION: Final = 1
 _CODEC_ZLIB: Final = 0x01
 _CODEC_STDJSON: Final = 0x02
 _SQLITE_FULL: Final = 13
+_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 _LEVELS: Final[dict[int, Level]] = {int(level): level for level in Level}
 
 _SCHEMA: Final = """
@@ -163,7 +196,7 @@ class SpoolLockedError(RuntimeError):
 
 
 def encode_chunk(records: Sequence[Record], compress_level: int = DEFAULT_COMPRESS_LEVEL) -> bytes:
-    """Serialise ``records`` to one blob: a codec byte, then (zlib-compressed) JSON, column by column::
+    """Serialise ``records`` to one blob: a codec byte, then (zlib-format compressed) JSON, column by column::
 
         [version, tags, tag_index, timestamps_ns, messages, streams, levels, attributes, event_times_ns]
 
@@ -172,15 +205,22 @@ def encode_chunk(records: Sequence[Record], compress_level: int = DEFAULT_COMPRE
     ``null`` for none). Columns rather than rows: a handful of lists instead of one tuple per record, so encoding
     allocates almost nothing the garbage collector tracks. orjson is used; a chunk orjson refuses (an integer beyond
     64 bits, a lone surrogate, a non-string key) falls back to the stdlib encoder (values it cannot encode are
-    stored as their ``str()``), flagged in the codec byte.
+    stored as their ``str()``), flagged in the codec byte. ``compress_level`` > 0 compresses with ISA-L (zlib
+    format, levels above 3 taken as 3).
     """
+    head, data = _encode(records, compress_level)
+    return head + data
+
+
+def _encode(records: Sequence[Record], compress_level: int) -> tuple[bytes, bytes]:
+    """:func:`encode_chunk` as (codec byte, data), written to a file with one ``writev`` without joining them."""
     tag_objects = [r.tags for r in records]
     first = tag_objects[0] if tag_objects else None
     tags: list[tuple[str, str, str]] = []
     tag_index: int | list[int] = 0
     if first is not None:
         tags.append((first.host, first.source, first.service))
-        if not all(t is first for t in tag_objects):
+        if tag_objects.count(first) != len(tag_objects):  # list.count compares by identity first: one C loop
             seen: dict[int, int] = {id(first): 0}
             indexes = []
             for t in tag_objects:
@@ -209,27 +249,33 @@ def encode_chunk(records: Sequence[Record], compress_level: int = DEFAULT_COMPRE
         data = json.dumps(payload, default=str, skipkeys=True).encode("ascii")
     if compress_level > 0:
         codec |= _CODEC_ZLIB
-        data = zlib.compress(data, compress_level)
-    return bytes((codec,)) + data
+        data = isal_zlib.compress(data, min(compress_level, isal_zlib.ISAL_BEST_COMPRESSION))
+    return bytes((codec,)), data
 
 
 def decode_chunk(blob: bytes) -> list[Record]:
     """The records of a blob made by :func:`encode_chunk`.
 
     Raises:
-        ValueError, TypeError, KeyError, IndexError, zlib.error: the blob is not a chunk this version can read
-            (:data:`_DECODE_ERRORS`).
+        ValueError, TypeError, KeyError, IndexError, zlib/ISA-L error: the blob is not a chunk this version can
+            read (:data:`_DECODE_ERRORS`).
     """
+    return _decode(blob)[0]
+
+
+def _decode(blob: bytes) -> tuple[list[Record], int]:
+    """:func:`decode_chunk`, and the records' :func:`~forwarder.delivery.buffer.records_size` (from the messages
+    column, without a second pass over the records)."""
     codec = blob[0]
-    data: bytes = blob[1:]
+    data = memoryview(blob)[1:]
     if codec & _CODEC_ZLIB:
-        data = zlib.decompress(data)
-    payload = json.loads(data) if codec & _CODEC_STDJSON else orjson.loads(data)
+        data = memoryview(isal_zlib.decompress(data))
+    payload = json.loads(bytes(data)) if codec & _CODEC_STDJSON else orjson.loads(data)
     if payload[0] != FORMAT_VERSION:
         raise ValueError(f"unknown spool chunk format {payload[0]!r}")
     _, tag_rows, tag_index, stamps, messages, streams, level_ints, attributes, event_times = payload
     if not stamps:
-        return []
+        return [], 0
     tags = [Tags(*t) for t in tag_rows]
     levels = _LEVELS
     lv = [levels[x] if x is not None else None for x in level_ints]
@@ -237,10 +283,11 @@ def decode_chunk(blob: bytes) -> list[Record]:
     columns = (stamps, messages, streams, tg, lv, attributes, event_times)
     if len({len(c) for c in columns}) != 1:
         raise ValueError("spool chunk columns differ in length")
-    return list(map(Record, *columns))
+    return list(map(Record, *columns)), sum(map(len, messages)) + RECORD_OVERHEAD_BYTES * len(stamps)
 
 
-_DECODE_ERRORS: Final = (ValueError, TypeError, KeyError, IndexError, zlib.error)
+_ISAL_ERROR: Final = cast("type[Exception]", isal_zlib.error)  # its stub declares an instance
+_DECODE_ERRORS: Final = (ValueError, TypeError, KeyError, IndexError, _ISAL_ERROR)
 
 
 def effective_max_bytes(requested: int, *, stored: int, free: int, total: int, floor: int) -> int:
@@ -258,7 +305,25 @@ def effective_max_bytes(requested: int, *, stored: int, free: int, total: int, f
     return max(min(requested, stored + free - margin), min(requested, floor))
 
 
-# --- the SQLite store (synchronous, called from worker threads) -------------------------------------------
+def read_stored_chunks(directory: Path) -> list[tuple[int, int, bytes]]:
+    """Every chunk stored in the spool ``directory``, in id order, as ``(id, stored data bytes, blob)`` (the blob as
+    made by :func:`encode_chunk`; read it with :func:`decode_chunk`): for tests and inspection, with its own
+    SQLite connection (the spool may be open in another process: WAL readers see the last commit).
+
+    Raises:
+        FileNotFoundError: a chunk's file is missing.
+        sqlite3.Error: the database cannot be read.
+    """
+    conn = sqlite3.connect(directory / SPOOL_FILE)
+    try:
+        rows = conn.execute("SELECT id, bytes, data FROM chunks ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    folder = directory / CHUNKS_DIR
+    return [(cid, size, data or (folder / f"{cid}{CHUNK_SUFFIX}").read_bytes()) for cid, size, data in rows]
+
+
+# --- the store: SQLite index + chunk files (synchronous, called from worker threads) ---------------------------
 
 
 @dataclass(slots=True)
@@ -267,6 +332,8 @@ class _WriteResult:
     """(chunk id, records) of the chunks inserted."""
     evicted: list[tuple[int, int]]
     """(chunk id, records) of the chunks deleted to stay within the bound, oldest first."""
+    error: sqlite3.Error | OSError | None = None
+    """Why the write failed (nothing of it was persisted; ``evicted`` still lists the chunks deleted before)."""
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -284,13 +351,36 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
+def _is_full(exc: BaseException) -> bool:
+    """The error says the disk (or the database's size limit) is full."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS
+
+
+def _write_file(path: Path, head: bytes, data: bytes) -> None:
+    """Write ``head + data`` to a new file at ``path`` (replacing an orphan of the same name), in one ``writev``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        written = os.writev(fd, (head, data))
+        if written < len(head) + len(data):  # a short write (interrupted): write the rest
+            rest = memoryview(head + data)[written:]
+            while rest:
+                rest = rest[os.write(fd, rest) :]
+    finally:
+        os.close(fd)
+
+
 class _Store:
-    """The database: thread-safe (a lock per connection); the byte/chunk counters change only under the writer lock."""
+    """The index (SQLite) and the chunk files: thread-safe (a lock per connection; files are written and deleted
+    under the writer lock); the byte/chunk counters change only under the writer lock."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._dir = path.parent / CHUNKS_DIR
         self._wlock = threading.Lock()
         self._rlock = threading.Lock()
+        self._dir.mkdir(exist_ok=True)
         self._w = _connect(path)
         try:
             self._w.executescript(_SCHEMA)
@@ -307,7 +397,34 @@ class _Store:
         self.stored_bytes: int = total + count * CHUNK_ROW_OVERHEAD_BYTES
         self.last_id: int = max(max_id, seq[0], cur[0])
         """Highest chunk id ever persisted."""
+        self.evicted_upto = 0
+        """Highest chunk id deleted to stay within the bound, this run; set before that delete commits (and reset
+        if it fails), so that a reader that missed a chunk can tell that it may have been discarded."""
         self._deleted_floor = 0
+        self._remove_orphans()
+
+    def _file(self, cid: int) -> Path:
+        return self._dir / f"{cid}{CHUNK_SUFFIX}"
+
+    def _remove_orphans(self) -> None:
+        """Delete the chunk files no row refers to: cut short by a crash before their row committed, or left by a
+        crash after their row was deleted (see invariant 7)."""
+        names = [p.name for p in self._dir.iterdir()]
+        if not names:
+            return
+        ids = {cid for (cid,) in self._w.execute("SELECT id FROM chunks WHERE length(data) = 0")}
+        removed = 0
+        for name in names:
+            stem = name.removesuffix(CHUNK_SUFFIX)
+            if stem != name and stem.isdigit() and int(stem) not in ids:
+                self._unlink(int(stem))
+                removed += 1
+        if removed:
+            _log.info("spool_orphan_files_removed", files=removed)
+
+    def _unlink(self, cid: int) -> None:
+        # missing: a chunk written by an earlier version (data in its row), or already gone
+        self._file(cid).unlink(missing_ok=True)
 
     def checkpoints(self) -> dict[str, str]:
         with self._wlock:
@@ -344,74 +461,113 @@ class _Store:
         row = self._w.execute("SELECT coalesce(sum(n_records), 0) FROM chunks WHERE id > ?", (acked,)).fetchone()
         return int(row[0])
 
-    def _delete_upto(self, floor: int) -> tuple[int, int]:
-        """Delete chunks with id <= floor (inside a transaction); returns (chunks, bytes) freed."""
+    def _delete_upto(self, floor: int) -> list[tuple[int, int]]:
+        """Delete the rows of the chunks with id <= floor (inside a transaction); returns their (id, bytes)."""
         if floor <= self._deleted_floor:
-            return 0, 0
-        n, size = self._w.execute(
-            "SELECT count(*), coalesce(sum(bytes), 0) FROM chunks WHERE id <= ?", (floor,)
-        ).fetchone()
-        if n:
+            return []
+        rows: list[tuple[int, int]] = self._w.execute("SELECT id, bytes FROM chunks WHERE id <= ?", (floor,)).fetchall()
+        if rows:
             self._w.execute("DELETE FROM chunks WHERE id <= ?", (floor,))
-        return n, size + n * CHUNK_ROW_OVERHEAD_BYTES
+        return rows
 
-    def _apply_freed(self, freed: tuple[int, int]) -> None:
-        self.stored_chunks -= freed[0]
-        self.stored_bytes -= freed[1]
+    def _apply_freed(self, freed: list[tuple[int, int]]) -> None:
+        """After the delete of ``freed`` (id, bytes) committed: count it, and delete the files."""
+        self.stored_chunks -= len(freed)
+        self.stored_bytes -= sum(size for _, size in freed) + len(freed) * CHUNK_ROW_OVERHEAD_BYTES
+        for cid, _ in freed:
+            self._unlink(cid)
 
     def write(
         self, chunks: Sequence[Chunk], checkpoints: Mapping[str, str], max_bytes: int, compress_level: int
     ) -> _WriteResult:
-        """Insert ``chunks`` and ``checkpoints`` in one transaction, deleting the oldest chunks first as needed to
-        stay within ``max_bytes`` (the newest chunk is always kept)."""
+        """Persist ``chunks`` (their files, then their rows and ``checkpoints`` in one transaction), deleting the
+        oldest chunks first as needed to stay within ``max_bytes`` (the newest chunk is always kept). A failure
+        (:class:`sqlite3.Error`, :class:`OSError`) is returned in the result, not raised: the chunks deleted before
+        it stay deleted, and the caller must count them."""
         now = time.time_ns()
-        rows = []
-        for chunk in chunks:
-            blob = encode_chunk(chunk.records, compress_level)
-            rows.append((chunk.id, now, len(chunk.records), len(blob), blob))
-        new_bytes = sum(r[3] + CHUNK_ROW_OVERHEAD_BYTES for r in rows)
+        encoded = [_encode(chunk.records, compress_level) for chunk in chunks]
+        sizes = [len(head) + len(data) for head, data in encoded]
+        evicted: list[tuple[int, int]] = []
         with self._wlock:
-            w = self._w
+            try:
+                excess = self.stored_bytes + sum(sizes) + len(sizes) * CHUNK_ROW_OVERHEAD_BYTES - max_bytes
+                if excess > 0:  # make room first, so that the space is free before the new files are written
+                    old, freed = self._select_oldest(excess, self.stored_chunks - (0 if chunks else 1))
+                    if old:
+                        self._evict(old)
+                        evicted += old
+                        excess -= freed
+                skip = 0  # one flush larger than the bound: its oldest chunks are not written; the newest always is
+                while excess > 0 and skip < len(chunks) - 1:
+                    excess -= sizes[skip] + CHUNK_ROW_OVERHEAD_BYTES
+                    skip += 1
+                skipped_upto = chunks[skip - 1].id if skip else 0
+                self._insert(
+                    chunks[skip:],
+                    encoded[skip:],
+                    sizes[skip:],
+                    now=now,
+                    checkpoints=checkpoints,
+                    skipped_upto=skipped_upto,
+                )
+            except (sqlite3.Error, OSError) as exc:
+                return _WriteResult([], evicted, exc)
+            kept = chunks[skip:]
+            self.stored_chunks += len(kept)
+            self.stored_bytes += sum(sizes[skip:]) + len(kept) * CHUNK_ROW_OVERHEAD_BYTES
+            if kept:
+                self.last_id = max(self.last_id, kept[-1].id)
+            evicted += [(c.id, len(c.records)) for c in chunks[:skip]]
+            return _WriteResult([(c.id, len(c.records)) for c in kept], evicted)
+
+    def _insert(
+        self,
+        chunks: Sequence[Chunk],
+        encoded: Sequence[tuple[bytes, bytes]],
+        sizes: Sequence[int],
+        *,
+        now: int,
+        checkpoints: Mapping[str, str],
+        skipped_upto: int,
+    ) -> None:
+        """Write the chunks' files, then insert their rows and the checkpoints in one transaction (cursors move past
+        ``skipped_upto``, the last chunk of this flush that is not written, if any). On failure the files written
+        are deleted again."""
+        w = self._w
+        written: list[int] = []
+        try:
+            for chunk, (head, data) in zip(chunks, encoded, strict=True):
+                written.append(chunk.id)
+                _write_file(self._file(chunk.id), head, data)
             w.execute("BEGIN IMMEDIATE")
             try:
-                # Make room first so that the inserts can reuse the freed pages; the newest chunk always stays.
-                evicted, ev_bytes = self._select_oldest(
-                    self.stored_bytes + new_bytes - max_bytes,
-                    min(self.stored_chunks, self.stored_chunks + len(rows) - 1),
+                if skipped_upto:
+                    w.execute("UPDATE cursors SET acked_id = max(acked_id, ?)", (skipped_upto,))
+                w.executemany(
+                    "INSERT INTO chunks (id, created, n_records, bytes, data) VALUES (?, ?, ?, ?, x'')",
+                    [(c.id, now, len(c.records), size) for c, size in zip(chunks, sizes, strict=True)],
                 )
-                if evicted:
-                    self._evict(evicted[-1][0])
-                w.executemany("INSERT INTO chunks (id, created, n_records, bytes, data) VALUES (?, ?, ?, ?, ?)", rows)
                 if checkpoints:
                     w.executemany(
                         "INSERT INTO checkpoints (key, value) VALUES (?, ?) "
                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                         list(checkpoints.items()),
                     )
-                excess = self.stored_bytes - ev_bytes + new_bytes - max_bytes
-                if excess > 0 and len(rows) > 1:  # one flush larger than the bound: keep the newest chunk
-                    more, more_bytes = self._select_oldest(
-                        excess, len(rows) - 1, after=evicted[-1][0] if evicted else 0
-                    )
-                    if more:
-                        self._evict(more[-1][0])
-                        evicted += more
-                        ev_bytes += more_bytes
                 w.execute("COMMIT")
             except BaseException:
                 _rollback(w)
                 raise
-            self.stored_chunks += len(rows) - len(evicted)
-            self.stored_bytes += new_bytes - ev_bytes
-            if rows:
-                self.last_id = max(self.last_id, rows[-1][0])
-            return _WriteResult([(r[0], r[2]) for r in rows], evicted)
+        except BaseException:
+            for cid in written:
+                self._unlink(cid)
+            raise
 
-    def _select_oldest(self, excess: int, limit: int, after: int = 0) -> tuple[list[tuple[int, int]], int]:
-        """Up to ``limit`` of the oldest chunks with id > ``after`` whose removal brings ``excess`` bytes to <= 0;
-        returns them as (id, records) and the bytes they free."""
+    def _select_oldest(self, excess: int, limit: int) -> tuple[list[tuple[int, int]], int]:
+        """Up to ``limit`` of the oldest chunks whose removal brings ``excess`` bytes to <= 0; returns them as
+        (id, records) and the bytes they free."""
         out: list[tuple[int, int]] = []
         freed = 0
+        after = 0
         while excess > 0 and len(out) < limit:
             batch = self._w.execute(
                 "SELECT id, n_records, bytes FROM chunks WHERE id > ? ORDER BY id LIMIT 512", (after,)
@@ -427,9 +583,22 @@ class _Store:
                 after = cid
         return out, freed
 
-    def _evict(self, upto: int) -> None:
-        self._w.execute("DELETE FROM chunks WHERE id <= ?", (upto,))
-        self._w.execute("UPDATE cursors SET acked_id = max(acked_id, ?)", (upto,))
+    def _evict(self, oldest: list[tuple[int, int]]) -> None:
+        """Delete the chunks ``oldest`` (the oldest stored ones, (id, records)) in their own transaction, moving
+        every cursor past them, then their files."""
+        w = self._w
+        upto = oldest[-1][0]
+        before, self.evicted_upto = self.evicted_upto, max(self.evicted_upto, upto)
+        w.execute("BEGIN IMMEDIATE")
+        try:
+            freed = self._delete_upto(upto)
+            w.execute("UPDATE cursors SET acked_id = max(acked_id, ?)", (upto,))
+            w.execute("COMMIT")
+        except BaseException:
+            _rollback(w)
+            self.evicted_upto = before
+            raise
+        self._apply_freed(freed)
 
     def ack(self, destination: str, acked: int, floor: int) -> None:
         """Persist ``destination``'s cursor and delete the chunks every destination acknowledged (id <= floor)."""
@@ -446,26 +615,35 @@ class _Store:
             self._deleted_floor = max(self._deleted_floor, floor)
             self._apply_freed(freed)
 
-    def load_after(self, after: int) -> tuple[int, int, bytes] | None:
-        """(id, records, blob) of the first chunk with id > ``after``, or ``None``."""
-        with self._rlock:
-            row = self._r.execute(
-                "SELECT id, n_records, data FROM chunks WHERE id > ? ORDER BY id LIMIT 1", (after,)
-            ).fetchone()
-        return None if row is None else (row[0], row[1], row[2])
+    def load_after(self, after: int) -> tuple[int, int, bytes | None] | None:
+        """(id, records, blob) of the first chunk with id > ``after``, or ``None``; the blob is ``None`` (logged)
+        when the chunk's file is missing (lost in a power loss, or removed by hand) or cannot be read."""
+        while True:
+            with self._rlock:
+                row = self._r.execute(
+                    "SELECT id, n_records, data FROM chunks WHERE id > ? ORDER BY id LIMIT 1", (after,)
+                ).fetchone()
+            if row is None:
+                return None
+            cid, n, data = row
+            if data:  # written by an earlier version: the data is in the row
+                return cid, n, data
+            try:
+                return cid, n, self._file(cid).read_bytes()
+            except FileNotFoundError:
+                with self._rlock:
+                    still = self._r.execute("SELECT 1 FROM chunks WHERE id = ?", (cid,)).fetchone()
+                if still is None:
+                    continue  # discarded meanwhile (spool full): as if the query had run after that delete
+                _log.error("spool_chunk_missing", chunk=cid, records=n)
+            except OSError:
+                _log.exception("spool_chunk_unreadable", chunk=cid, records=n)
+            return cid, n, None
 
     def close(self) -> None:
         with self._wlock, self._rlock:
             self._r.close()
             self._w.close()
-
-
-def _in_trio() -> bool:
-    try:
-        trio.lowlevel.current_trio_token()
-    except RuntimeError:
-        return False
-    return True
 
 
 def _lock_directory(directory: Path) -> int:
@@ -480,17 +658,19 @@ def _lock_directory(directory: Path) -> int:
 
 def _load_chunk(store: _Store, after: int) -> tuple[Chunk | None, int | None, int]:
     """Load and decode the first chunk after ``after`` (worker thread). Returns (chunk or None, id, records):
-    ``(None, id, n)`` for an unreadable chunk, ``(None, None, 0)`` if there is none."""
+    ``(None, id, n)`` for an unreadable or missing chunk, ``(None, None, 0)`` if there is none."""
     row = store.load_after(after)
     if row is None:
         return None, None, 0
     cid, n, blob = row
+    if blob is None:
+        return None, cid, n
     try:
-        records = decode_chunk(blob)
+        records, size = _decode(blob)
     except _DECODE_ERRORS:
         _log.exception("spool_chunk_unreadable", chunk=cid, records=n)
         return None, cid, n
-    return Chunk(cid, records, records_size(records)), cid, n
+    return Chunk(cid, records, size), cid, n
 
 
 # --- the Buffer ------------------------------------------------------------------------------------------------
@@ -551,10 +731,9 @@ class Spool:
         self._loaded_bytes = 0
         self._loading: dict[int, trio.Event] = {}
         """Disk reads in progress, by the ``after`` they read from: a second destination waits for the first."""
-        self._reading: set[str] = set()
-        """Destinations inside :meth:`next_chunk` (waiting for or loading a chunk)."""
-        self._returned_at: dict[str, float] = {}
-        """When each destination last got a chunk (trio clock, seconds)."""
+        self._evicted_applied = 0
+        """Highest chunk id discarded (spool full) whose discard :meth:`_applied` has counted."""
+        self._pacer = ReadPacer()
         self._checkpoints = store.checkpoints()
 
         self._flush_lock = trio.Lock()
@@ -579,15 +758,15 @@ class Spool:
         """Open (creating it if needed) the spool in ``directory``, resuming what a previous run left.
 
         Args:
-            directory: created with its parents if missing; holds ``spool.sqlite3`` (+ ``-wal``, ``-shm``) and
-                ``spool.lock``.
+            directory: created with its parents if missing; holds ``spool.sqlite3`` (+ ``-wal``, ``-shm``),
+                ``chunks/`` and ``spool.lock``.
             max_bytes: bound on stored bytes; clamped to the free disk space (see :func:`effective_max_bytes`).
             on_drop: told ``(destination, records, reason)`` about records discarded before a destination
                 delivered them (``spool_full``, ``destination_removed``, ``spool_error``).
             flush_interval_s: staged records are persisted at most this long after being appended, seconds.
             chunk_max_bytes: a chunk is cut at this many record bytes (message + 64 per record).
-            compress_level: zlib level for chunk data when compression pays (:data:`COMPRESS_ABOVE_FRACTION`),
-                0 for never.
+            compress_level: compression level (zlib format, ISA-L levels 1-3) for chunk data when compression pays
+                (:data:`COMPRESS_ABOVE_FRACTION`), 0 for never.
 
         Raises:
             SpoolLockedError: another process has the directory open.
@@ -635,9 +814,8 @@ class Spool:
             _log.warning("spool_destination_released", destination=dest, records=count)
             if count:
                 self._drop(dest, count, DESTINATION_REMOVED)
-        now = trio.current_time() if _in_trio() else 0.0
+        self._pacer.register(dests)
         for dest in dests:
-            self._returned_at.setdefault(dest, now)
             a = max(acked[dest], self._acked.get(dest, 0))
             self._acked[dest] = a
             self._read[dest] = max(a, self._read.get(dest, a))
@@ -710,12 +888,27 @@ class Spool:
         Raises:
             KeyError: ``destination`` is not registered.
         """
-        self._reading.add(destination)
+        self._pacer.taking(destination)
         try:
             return await self._next_chunk(destination)
         finally:
-            self._reading.discard(destination)
-            self._returned_at[destination] = trio.current_time()
+            self._pacer.took(destination)
+
+    async def wait_for_readers(self) -> None:
+        """Wait while a destination that is not stalled lags more than
+        :data:`~forwarder.delivery.buffer.MAX_READ_LAG_CHUNKS` chunks behind the newest one (records staged or being
+        written count as the chunks they will become; see
+        :meth:`~forwarder.delivery.buffer.Buffer.wait_for_readers`); returns at once after :meth:`close_input`."""
+        await self._pacer.wait_while(self._lagging)
+
+    def _lagging(self) -> bool:
+        if self._input_closed:
+            return False
+        # Staged and in-flight records count as the chunks they will become.
+        unwritten = self._staged_bytes + self._flushing_bytes
+        newest = self._last_id + -(-unwritten // self._chunk_max_bytes)
+        read = self._read
+        return any(newest - read[d] > MAX_READ_LAG_CHUNKS for d in self._pacer.active(self._dests))
 
     async def _next_chunk(self, destination: str) -> Chunk | None:
         while True:
@@ -740,6 +933,12 @@ class Spool:
                         self._share_loaded(chunk)
                     if self._read.get(destination) != after:
                         continue  # chunks were discarded meanwhile (spool full): the cursor moved
+                    if cid != after + 1 and self._store.evicted_upto > self._evicted_applied:
+                        # Chunks were discarded (spool full) by a write whose result is not applied yet: wait for it
+                        # (it holds the flush lock until then), so that they are counted, not skipped.
+                        async with self._flush_lock:
+                            pass
+                        continue
                     if chunk is None:
                         if cid is None:  # nothing after `after` although last_id says so: skip the gap
                             self._read[destination] = max(after, last)
@@ -855,7 +1054,8 @@ class Spool:
                 result, reason = await self._write(chunks, checkpoints)
             finally:
                 self._flushing = self._flushing_bytes = 0
-            if result is None:
+            if result.error is not None:
+                self._applied([], {}, result)  # chunks discarded to make room before the failure
                 for dest in self._dests:
                     self._drop(dest, len(records), reason)
                 for key, value in checkpoints.items():
@@ -866,42 +1066,40 @@ class Spool:
 
     # -- internals ----------------------------------------------------------------------------------------------
 
-    async def _write(self, chunks: list[Chunk], checkpoints: dict[str, str]) -> tuple[_WriteResult | None, str]:
-        """Run the write in a worker thread; on failure return ``(None, drop reason)`` after logging it."""
+    async def _write(self, chunks: list[Chunk], checkpoints: dict[str, str]) -> tuple[_WriteResult, str]:
+        """Run the write in a worker thread. Returns its result (with every chunk discarded to make room, also by a
+        failed attempt) and, when it failed (logged here), the drop reason for its records."""
         store = self._store
-        reason = SPOOL_ERROR
-        for attempt in (1, 2):
-            try:
-                level = self._level_for(sum(c.size for c in chunks))
-                result = await trio.to_thread.run_sync(store.write, chunks, checkpoints, self.max_bytes, level)
+        evicted: list[tuple[int, int]] = []
+        attempt = 1
+        while True:
+            level = self._level_for(sum(c.size for c in chunks))
+            result = await trio.to_thread.run_sync(store.write, chunks, checkpoints, self.max_bytes, level)
+            evicted += result.evicted
+            result.evicted = evicted
+            exc = result.error
+            if exc is None:
                 return result, ""
-            except sqlite3.Error as exc:
-                full = getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL
-                reason = SPOOL_FULL if full else SPOOL_ERROR
-                if full and attempt == 1:
-                    # The disk (or the database's size limit) filled up before our bound did: lower the bound
-                    # below what is stored and retry once; the retry deletes the oldest chunks first and the
-                    # inserts reuse their pages.
-                    self.max_bytes = max(self._chunk_max_bytes, int(store.stored_bytes * 0.9))
-                    _log.error("spool_disk_full", max_bytes=self.max_bytes, error=str(exc))
-                    continue
-                _log.error(
-                    "spool_write_failed",
-                    error=f"{type(exc).__name__}: {exc}",
-                    records=sum(len(c.records) for c in chunks),
-                )
-        return None, reason
+            full = _is_full(exc)
+            if full and attempt == 1:
+                # The disk (or the database's size limit) filled up before our bound did: lower the bound below
+                # what is stored and retry once; the retry deletes the oldest chunks (and their files) first.
+                self.max_bytes = max(self._chunk_max_bytes, int(store.stored_bytes * 0.9))
+                _log.error("spool_disk_full", max_bytes=self.max_bytes, error=str(exc))
+                attempt += 1
+                continue
+            _log.error(
+                "spool_write_failed", error=f"{type(exc).__name__}: {exc}", records=sum(len(c.records) for c in chunks)
+            )
+            return result, SPOOL_FULL if full else SPOOL_ERROR
 
     def _level_for(self, new_bytes: int) -> int:
-        """The zlib level for a write of ``new_bytes`` record bytes: the configured one when the spool would hold
-        more than :data:`COMPRESS_ABOVE_FRACTION` of its bound or a destination is stalled, else 0."""
+        """The compression level for a write of ``new_bytes`` record bytes: the configured one when the spool would
+        hold more than :data:`COMPRESS_ABOVE_FRACTION` of its bound or a destination is stalled, else 0."""
         level = self._compress_level
         if level <= 0 or self._store.stored_bytes + new_bytes > self.max_bytes * COMPRESS_ABOVE_FRACTION:
             return level
-        now = trio.current_time()
-        stalled = any(
-            d not in self._reading and now - self._returned_at.get(d, now) >= STALLED_AFTER_S for d in self._dests
-        )
+        stalled = len(self._pacer.active(self._dests)) < len(self._dests)
         return level if stalled else 0
 
     def _split(self, records: list[Record], total: int) -> list[tuple[list[Record], int]]:
@@ -935,6 +1133,7 @@ class Spool:
         if not result.evicted:
             return
         last = result.evicted[-1][0]
+        self._evicted_applied = max(self._evicted_applied, last)
         drops: Counter[str] = Counter()
         for cid, n in result.evicted:
             cached = self._cache.pop(cid, None)
@@ -968,9 +1167,8 @@ class Spool:
         cache = self._cache
         if not cache:
             return
-        now = trio.current_time()
         read = self._read
-        active = [d for d in self._dests if d in self._reading or now - self._returned_at.get(d, now) < STALLED_AFTER_S]
+        active = self._pacer.active(self._dests)
         while cache:
             oldest = next(iter(cache))
             if self._cache_bytes <= self._cache_max_bytes and any(read[d] < oldest for d in active):
@@ -991,9 +1189,8 @@ class Spool:
         loaded = self._loaded
         if not loaded:
             return
-        now = trio.current_time()
         read = self._read
-        active = [d for d in self._dests if d in self._reading or now - self._returned_at.get(d, now) < STALLED_AFTER_S]
+        active = self._pacer.active(self._dests)
         bound = SHARED_LOADS_CHUNKS * self._chunk_max_bytes
         for cid in [c for c in loaded if not any(read[d] < c for d in active)]:
             self._loaded_bytes -= loaded.pop(cid).size
@@ -1012,6 +1209,7 @@ class Spool:
 
 
 __all__ = [
+    "CHUNKS_DIR",
     "CHUNK_ROW_OVERHEAD_BYTES",
     "DEFAULT_CHUNK_MAX_BYTES",
     "DEFAULT_COMPRESS_LEVEL",
@@ -1019,9 +1217,11 @@ __all__ = [
     "DESTINATION_REMOVED",
     "SPOOL_ERROR",
     "SPOOL_FILE",
+    "STALLED_AFTER_S",
     "Spool",
     "SpoolLockedError",
     "decode_chunk",
     "effective_max_bytes",
     "encode_chunk",
+    "read_stored_chunks",
 ]

@@ -7,7 +7,10 @@ How a file is followed (all intervals are named constants below):
   and opened once. A path that matches nothing yet is simply looked for again at the next scan.
 * **Reading**: each open file is polled every :data:`POLL_INTERVAL_S`: ``fstat``, then ``pread`` in blocks of
   :data:`READ_SIZE` until its end. Reads are plain synchronous reads of the page cache (no thread hop: a block
-  takes well under a millisecond).
+  takes well under a millisecond). After each block the follower waits while the destinations that keep up lag
+  behind (``wait_for_delivery``): a file is read no faster than it is delivered, so a big file read from its head
+  stays in the file, not in memory or the spool. A stalled destination (down, hanging) holds nobody back: what
+  it has not taken goes to the spool as before.
 * **Identity**: device + inode, plus a fingerprint (BLAKE2b of the first :data:`FINGERPRINT_BYTES` bytes, or of as
   many as the file had when it was first seen; widened once the file is longer). A checkpoint whose fingerprint no
   longer matches belongs to another file that reused the inode: that file is read from its start.
@@ -108,6 +111,10 @@ class TailConsumer(Protocol):
 
     async def wait_for_room(self) -> None:
         """Wait while too much is pending."""
+        ...
+
+    async def wait_for_delivery(self) -> None:
+        """Wait while too much is pending or the destinations that keep up lag behind (a file can wait)."""
         ...
 
 
@@ -504,7 +511,7 @@ class _Follower:
                 self._truncated(self.offset)
                 continue
             self._submit(self.reader.feed(data))
-            await self.consumer.wait_for_room()
+            await self.consumer.wait_for_delivery()
             await trio.lowlevel.checkpoint()
             if len(data) < READ_SIZE:
                 return grew

@@ -1,16 +1,20 @@
 """The durable spool: order, cursors, deletion, restart, checkpoints, the byte bound, and crash consistency.
 
-Every test uses a real SQLite database in ``tmp_path``; the crash test SIGKILLs a real process writing to it.
+Every test uses a real SQLite database and real chunk files in ``tmp_path``; the crash test SIGKILLs a real process
+writing to them.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,8 +22,10 @@ import pytest
 import trio
 import trio.testing
 
+from forwarder.delivery import spool as spool_module
 from forwarder.delivery.buffer import SPOOL_FULL, Chunk, records_size
 from forwarder.delivery.spool import (
+    CHUNKS_DIR,
     DESTINATION_REMOVED,
     DISK_MARGIN_MIN_BYTES,
     SPOOL_ERROR,
@@ -30,6 +36,7 @@ from forwarder.delivery.spool import (
     decode_chunk,
     effective_max_bytes,
     encode_chunk,
+    read_stored_chunks,
 )
 from forwarder.record import Level, Record, Tags
 
@@ -69,6 +76,16 @@ def db_rows(directory: Path, sql: str) -> list[tuple[object, ...]]:
         conn.close()
 
 
+def chunk_files(directory: Path) -> list[int]:
+    """Ids of the chunk files in the spool ``directory``, sorted."""
+    return sorted(int(p.name.split(".")[0]) for p in (directory / CHUNKS_DIR).iterdir())
+
+
+def disk_bytes(directory: Path) -> int:
+    """Bytes of the spool ``directory`` on disk: database, WAL and chunk files."""
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
 @pytest.fixture
 def spool_dir(tmp_path: Path) -> Path:
     return tmp_path / "spool"
@@ -105,7 +122,7 @@ CODEC_CASES: list[Record] = [
 ]
 
 
-@pytest.mark.parametrize("level", [0, 1, 6])
+@pytest.mark.parametrize("level", [0, 1, 3, 6])
 def test_encode_decode_roundtrip(level: int) -> None:
     decoded = decode_chunk(encode_chunk(CODEC_CASES, level))
     assert decoded == CODEC_CASES
@@ -145,6 +162,30 @@ def test_compression_shrinks_typical_logs() -> None:
     assert len(packed) * 4 < len(raw)
 
 
+def test_chunks_compressed_by_stdlib_zlib_still_decode() -> None:
+    """Spools written before ISA-L compressed with the stdlib's zlib: same format, still read."""
+    raw = encode_chunk(CODEC_CASES, 0)
+    legacy = bytes((raw[0] | 0x01,)) + zlib.compress(raw[1:], 1)
+    assert decode_chunk(legacy) == CODEC_CASES
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"\x00" + b'[1, [["h", "s", "v"]], 0, [1], ["m"], ["stdout"], [99], [null], [null]]',  # unknown level
+        b"\x00" + b'[1, [["h", "s", "v"]], [0, 0], [1], ["m"], ["stdout"], [null], [null], [null]]',  # tag index
+        b"\x00" + b'[1, [["h", "s", "v"]], 0, [1, 2], ["m"], ["stdout"], [null], [null], [null]]',  # a column
+        b"\x00" + b'[1, [["h", "s", "v"]], [3], [1], ["m"], ["stdout"], [null], [null], [null]]',  # no such tags
+        b"\x00" + b'[2, [["h", "s", "v"]], 0, [1], ["m"], ["stdout"], [null], [null], [null]]',  # version
+        b"\x01" + b"deadbeef",  # not compressed data
+    ],
+    ids=["level", "tag-index-length", "column-length", "tag-index-range", "version", "codec"],
+)
+def test_decode_refuses_malformed_chunks(blob: bytes) -> None:
+    with pytest.raises(spool_module._DECODE_ERRORS):
+        decode_chunk(blob)
+
+
 @pytest.mark.parametrize(
     ("requested", "stored", "free", "total", "expected"),
     [
@@ -175,6 +216,7 @@ async def test_append_read_ack_in_order(spool: Spool, spool_dir: Path) -> None:
     assert spool.pending("a") == 9
     assert spool.stored_chunks() == 2
     assert db_rows(spool_dir, "SELECT id, n_records FROM chunks ORDER BY id") == [(1, 3), (2, 6)]
+    assert chunk_files(spool_dir) == [1, 2]  # the data is in one file per chunk; the row is the index
 
     first = await spool.next_chunk("a")
     assert first is not None and numbers(first.records) == [0, 1, 2]
@@ -187,9 +229,11 @@ async def test_append_read_ack_in_order(spool: Spool, spool_dir: Path) -> None:
     assert spool.pending("a") == 6
     assert db_rows(spool_dir, "SELECT id FROM chunks") == [(2,)]
     assert db_rows(spool_dir, "SELECT destination, acked_id FROM cursors") == [("a", 1)]
+    assert chunk_files(spool_dir) == [2]
     await spool.ack("a", second.id)
     assert spool.pending("a") == 0
     assert spool.stored_chunks() == 0 and spool.stored_bytes() == 0
+    assert chunk_files(spool_dir) == []
 
     await spool.close_input()
     assert await spool.next_chunk("a") is None
@@ -416,7 +460,7 @@ async def test_full_spool_drops_oldest_and_counts_per_destination(spool_dir: Pat
 
         live: list[int] = []
         appended = 100
-        max_file = 0
+        max_disk = 0
         while appended < 20_000:
             batch = [
                 Record(n, f"{n} {rng.randbytes(150).hex()}", "stdout", TAGS) for n in range(appended, appended + 500)
@@ -425,7 +469,7 @@ async def test_full_spool_drops_oldest_and_counts_per_destination(spool_dir: Pat
             await spool.append(batch)
             await spool.flush()
             assert spool.stored_bytes() <= max_bytes
-            max_file = max(max_file, (spool_dir / SPOOL_FILE).stat().st_size)
+            max_disk = max(max_disk, disk_bytes(spool_dir))
             while spool.pending("live") and (chunk := await spool.next_chunk("live")) is not None:
                 live.extend(numbers(chunk.records))
                 await spool.ack("live", chunk.id)
@@ -448,7 +492,7 @@ async def test_full_spool_drops_oldest_and_counts_per_destination(spool_dir: Pat
     # holder never acknowledged chunk 1, which was discarded while in flight: counted at close, exactly once
     assert drops.total("holder") == holder_before_close + len(held.records)
     assert drops.total("holder") + spool.pending("holder") == appended
-    assert max_file <= max_bytes + MiB  # the database file follows the bound (freed pages are reused)
+    assert max_disk <= max_bytes + MiB  # the files on disk follow the bound (discarded chunks' files are deleted)
 
 
 async def test_one_flush_larger_than_the_bound_keeps_the_newest_chunks(spool_dir: Path) -> None:
@@ -521,14 +565,24 @@ async def test_memory_stays_flat_while_a_destination_is_down(
         await spool.aclose()
 
 
-async def test_disk_full_is_counted_not_raised(spool_dir: Path) -> None:
-    """The file system fills before the bound does (played by SQLite's max_page_count): appending goes on, the
-    bound shrinks, and every record is delivered, dropped with a reason, or pending."""
+async def test_disk_full_is_counted_not_raised(spool_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file system fills before the bound does (played by chunk files failing with ENOSPC past 1.2 MB, after
+    writing part of their data): appending goes on, the bound shrinks, the oldest chunks make room, and every
+    record is delivered, dropped with a reason, or pending; no partial file is left behind."""
     drops = Drops()
     spool = Spool.open(spool_dir, max_bytes=64 * MiB, on_drop=drops, chunk_max_bytes=32 * 1024, compress_level=0)
+    write_file = spool_module._write_file
+
+    def small_disk(path: Path, head: bytes, data: bytes) -> None:
+        used = sum(p.stat().st_size for p in path.parent.iterdir() if p != path)
+        if used + len(head) + len(data) > 1_200_000:
+            path.write_bytes(head + data[:100])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_file(path, head, data)
+
+    monkeypatch.setattr(spool_module, "_write_file", small_disk)
     try:
         spool.register(["down"])
-        spool._store._w.execute("PRAGMA max_page_count = 300")  # ~1.2 MB of 4 KiB pages
         appended = 0
         for _ in range(60):
             await spool.append(numbered(appended, 100, pad=200))
@@ -539,23 +593,28 @@ async def test_disk_full_is_counted_not_raised(spool_dir: Path) -> None:
         assert {r for _, _, r in drops.calls} == {SPOOL_FULL}
         assert drops.total("down") + spool.pending("down") == appended
         await spool.close_input()
+        assert chunk_files(spool_dir) == [cid for cid, _, _ in read_stored_chunks(spool_dir)]  # no partial file
         left = [n for c in await read_all(spool, "down") for n in numbers(c.records)]
         assert left == sorted(left) and left[-1] == appended - 1
     finally:
         await spool.aclose()
 
 
-async def test_unreadable_chunk_is_skipped_and_counted(spool_dir: Path) -> None:
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+async def test_unreadable_chunk_is_skipped_and_counted(spool_dir: Path, damage: str) -> None:
+    """A chunk file that does not decode, or that is missing (a power loss before the kernel wrote it back): its
+    records are counted as dropped (spool_error), the others are delivered."""
     first = Spool.open(spool_dir, max_bytes=64 * MiB)
     first.register(["a"])
     for start in (0, 10, 20):
         await first.append(numbered(start, 10))
         await first.flush()
     await first.aclose()
-    conn = sqlite3.connect(spool_dir / SPOOL_FILE)
-    with conn:
-        conn.execute("UPDATE chunks SET data = x'01deadbeef' WHERE id = 2")
-    conn.close()
+    path = spool_dir / CHUNKS_DIR / "2.chunk"
+    if damage == "corrupt":
+        path.write_bytes(b"\x01deadbeef")
+    else:
+        path.unlink()
 
     drops = Drops()
     second = Spool.open(spool_dir, max_bytes=64 * MiB, on_drop=drops)
@@ -568,6 +627,107 @@ async def test_unreadable_chunk_is_skipped_and_counted(spool_dir: Path) -> None:
         assert second.pending("a") == 0
     finally:
         await second.aclose()
+
+
+async def test_spool_of_an_earlier_version_is_read_and_emptied(spool_dir: Path) -> None:
+    """A spool written before chunk files keeps each chunk's data in its row: it is read back as it is (next to new
+    chunks in files), and deleted once acknowledged."""
+    first = Spool.open(spool_dir, max_bytes=64 * MiB)
+    first.register(["a"])
+    await first.aclose()
+    old = [numbered(0, 5), numbered(5, 5)]
+    conn = sqlite3.connect(spool_dir / SPOOL_FILE)
+    with conn:
+        conn.executemany(
+            "INSERT INTO chunks (id, created, n_records, bytes, data) VALUES (?, 0, ?, ?, ?)",
+            [(i + 1, len(r), len(encode_chunk(r, 1)), encode_chunk(r, 1)) for i, r in enumerate(old)],
+        )
+    conn.close()
+
+    second = Spool.open(spool_dir, max_bytes=64 * MiB)
+    try:
+        second.register(["a"])
+        assert second.pending("a") == 10 and second.stored_chunks() == 2
+        await second.append(numbered(10, 5))
+        await second.close_input()
+        assert chunk_files(spool_dir) == [3]
+        got = await read_all(second, "a")
+        assert [c.id for c in got] == [1, 2, 3]
+        assert numbers([r for c in got for r in c.records]) == list(range(15))
+        assert second.stored_chunks() == 0 and second.stored_bytes() == 0
+        assert db_rows(spool_dir, "SELECT count(*) FROM chunks") == [(0,)] and chunk_files(spool_dir) == []
+    finally:
+        await second.aclose()
+
+
+async def test_orphan_chunk_files_are_removed_at_open(spool_dir: Path) -> None:
+    """Files no row refers to (a crash after a file was written but before its row committed, or after a row was
+    deleted but before its file was) are deleted at the next open; the chunks with rows are kept and read."""
+    first = Spool.open(spool_dir, max_bytes=64 * MiB)
+    first.register(["a"])
+    await first.append(numbered(0, 5))
+    await first.flush()
+    await first.aclose()
+    chunks = spool_dir / CHUNKS_DIR
+    (chunks / "7.chunk").write_bytes(b"\x00[1")  # cut short, its row never committed
+    (chunks / "notes.txt").write_text("not ours")
+
+    second = Spool.open(spool_dir, max_bytes=64 * MiB)
+    try:
+        assert sorted(p.name for p in chunks.iterdir()) == ["1.chunk", "notes.txt"]
+        second.register(["a"])
+        await second.close_input()
+        assert numbers([r for c in await read_all(second, "a") for r in c.records]) == list(range(5))
+    finally:
+        await second.aclose()
+
+
+async def test_a_chunk_discarded_while_a_reader_loads_is_counted_not_skipped(spool_dir: Path) -> None:
+    """A write discards the oldest chunks (spool full) while a lagging destination reads from disk: the reader,
+    finding them gone before the write's result is applied, waits for it, so that they are counted as dropped
+    for it (not silently skipped), and then goes on with the oldest chunk left."""
+    drops = Drops()
+    chunk_max = 8 * 1024
+    spool = Spool.open(spool_dir, max_bytes=64 * MiB, on_drop=drops, chunk_max_bytes=chunk_max, compress_level=0)
+    store = spool._store
+    evict = store._evict
+    committed, release = threading.Event(), threading.Event()
+
+    def slow_evict(oldest: list[tuple[int, int]]) -> None:
+        evict(oldest)  # committed, files deleted
+        committed.set()
+        assert release.wait(10)
+
+    try:
+        spool.register(["a"])
+        for start in range(0, 1000, 100):  # 10 chunks of ~7 KiB, none read yet: the oldest are not cached
+            await spool.append(numbered(start, 100))
+            await spool.flush()
+        assert spool.last_chunk_id == 10
+        spool.max_bytes = spool.stored_bytes() + 2000  # the next write must discard the oldest chunk (only)
+        store._evict = slow_evict  # type: ignore[method-assign]
+        got: list[Chunk] = []
+
+        async def reader() -> None:
+            chunk = await spool.next_chunk("a")
+            assert chunk is not None
+            got.append(chunk)
+
+        async with trio.open_nursery() as nursery:
+            await spool.append(numbered(1000, 100))
+            nursery.start_soon(spool.flush)
+            await trio.to_thread.run_sync(committed.wait)
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0.2)  # the reader's disk read found chunk 1 gone; it must wait for the write
+            assert got == []
+            release.set()
+        assert drops.calls == [("a", 100, SPOOL_FULL)]
+        assert got[0].id == 2 and numbers(got[0].records) == list(range(100, 200))
+        assert spool.pending("a") == 1000
+    finally:
+        release.set()
+        await spool.aclose()
 
 
 # --- crash consistency -------------------------------------------------------------------------------------------
@@ -647,6 +807,8 @@ async def test_sigkill_leaves_a_consistent_spool(spool_dir: Path) -> None:
     assert integrity == [("ok",)]
     spool = Spool.open(spool_dir, max_bytes=1 << 30)
     try:
+        # every row has its file, and no file is left without a row (orphans of the kill are gone)
+        assert chunk_files(spool_dir) == [cid for cid, _, _ in read_stored_chunks(spool_dir)]
         spool.register(["a", "b", "keep"])
         checkpoint = int(spool.load_checkpoints()["n"])
         await spool.close_input()
@@ -710,9 +872,8 @@ async def test_chunk_read_back_from_disk_is_decoded_once_for_all_destinations(sp
 
 
 def _compressed(directory: Path) -> list[bool]:
-    """Per stored chunk (in id order): was it written zlib-compressed (the codec byte's bit 0)."""
-    rows = db_rows(directory, "SELECT data FROM chunks ORDER BY id")
-    return [bool(bytes(blob)[0] & 0x01) for (blob,) in rows if isinstance(blob, bytes)]
+    """Per stored chunk (in id order): was it written compressed (the codec byte's bit 0)."""
+    return [bool(blob[0] & 0x01) for _, _, blob in read_stored_chunks(directory)]
 
 
 async def test_chunks_are_compressed_only_when_it_pays(spool_dir: Path, autojump_clock: trio.testing.MockClock) -> None:

@@ -29,7 +29,7 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from forwarder.delivery.spool import SPOOL_FILE, decode_chunk
+from forwarder.delivery.spool import SPOOL_FILE, decode_chunk, read_stored_chunks
 from tests.e2e.conftest import forwarder_cmd, own_log, run_forwarder
 
 DD_API_KEY = "0123456789abcdef0123456789abcdef"
@@ -261,11 +261,11 @@ def spool_state(state_dir: Path, destination: str) -> tuple[int, list[tuple[int,
     db = sqlite3.connect(path)
     try:
         row = db.execute("SELECT acked_id FROM cursors WHERE destination = ?", (destination,)).fetchone()
-        chunks = db.execute("SELECT id, data FROM chunks ORDER BY id").fetchall()
     finally:
         db.close()
     assert row is not None, "no cursor for the destination"
-    return int(row[0]), [(int(cid), [number(r.message) for r in decode_chunk(data)]) for cid, data in chunks]
+    chunks = read_stored_chunks(state_dir / "spool")
+    return int(row[0]), [(cid, [number(r.message) for r in decode_chunk(blob)]) for cid, _, blob in chunks]
 
 
 # --- Done when 1: SIGKILL, restart on the same state directory -------------------------------------------------------
@@ -501,12 +501,12 @@ def spool_state_flood(state_dir: Path) -> tuple[int, list[tuple[int, list[int]]]
     db = sqlite3.connect(state_dir / "spool" / SPOOL_FILE)
     try:
         row = db.execute("SELECT acked_id FROM cursors WHERE destination = 'datadog'").fetchone()
-        chunks = db.execute("SELECT bytes, data FROM chunks ORDER BY id").fetchall()
     finally:
         db.close()
     assert row is not None
+    chunks = read_stored_chunks(state_dir / "spool")
     return int(row[0]), [
-        (int(size), [int(r.message.split(" ", 2)[1]) for r in decode_chunk(data)]) for size, data in chunks
+        (size, [int(r.message.split(" ", 2)[1]) for r in decode_chunk(blob)]) for _, size, blob in chunks
     ]
 
 

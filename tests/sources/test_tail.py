@@ -68,6 +68,9 @@ class Recorder:
     async def wait_for_room(self) -> None:
         await trio.lowlevel.checkpoint()
 
+    async def wait_for_delivery(self) -> None:
+        await trio.lowlevel.checkpoint()
+
     def messages(self) -> list[str]:
         return [m for _s, m, _t in self.lines]
 
