@@ -32,12 +32,17 @@ per-event maximum has its message cut and gets ``attributes.truncated = true``; 
 
 The boto3 client is synchronous: every call runs in a worker thread (``trio.to_thread``), and botocore's own
 retries are off (one attempt) so that the forwarder's retry loop decides. ``AWS_ENDPOINT_URL_CLOUDWATCH_LOGS``
-(or ``AWS_ENDPOINT_URL``), botocore's own variables, send the requests elsewhere.
+(or ``AWS_ENDPOINT_URL``), botocore's own variables, send the requests elsewhere. The ``PutLogEvents`` body is
+serialised with orjson and handed to botocore through its ``before-call`` event (:func:`put_log_events`);
+botocore still resolves the endpoint and credentials, signs (SigV4), sends and parses the answer.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
+import operator
 import re
 import string
 import threading
@@ -317,7 +322,10 @@ def _fit(body: dict[str, Any]) -> bytes:
 
 def event_body(record: Record) -> dict[str, Any]:
     """The JSON object sent as an event's message: ``message``, ``level`` (name; absent when not detected),
-    ``host``, ``source``, ``service``, ``stream``, ``attributes`` (absent when empty)."""
+    ``host``, ``source``, ``service``, ``stream``, ``attributes`` (absent when empty).
+
+    This is the reference shape: :func:`encode_events` splices the same bytes from pre-encoded parts and falls back
+    to ``_dumps(event_body(record))`` for anything unusual."""
     tags = record.tags
     body: dict[str, Any] = {"message": record.message}
     if record.level is not None:
@@ -329,6 +337,20 @@ def event_body(record: Record) -> dict[str, Any]:
     if record.attributes:
         body["attributes"] = record.attributes
     return body
+
+
+_LEVEL_FIELD: Final = {level: b',"level":' + orjson.dumps(name) for level, name in _LEVEL_NAMES.items()}
+"""``,"level":"INFO"`` and so on: the pre-encoded ``level`` member of :func:`event_body`."""
+
+
+def _tag_fields(tags: Tags, stream: str) -> bytes | None:
+    """The ``host``, ``source``, ``service`` and ``stream`` members of :func:`event_body` as JSON text with a leading
+    comma, or ``None`` when orjson cannot encode them (lone surrogates from an undecodable environment)."""
+    try:
+        members = orjson.dumps({"host": tags.host, "source": tags.source, "service": tags.service, "stream": stream})
+    except (orjson.JSONEncodeError, TypeError):
+        return None
+    return b"," + members[1:-1]
 
 
 def encode_events(records: Sequence[Record], group_template: str, stream_template: str, now_ms: int) -> Encoded:
@@ -352,12 +374,18 @@ def encode_events(records: Sequence[Record], group_template: str, stream_templat
     too_old = 0
     # Parallel lists (no per-record tuple): fewer objects for the cyclic GC to track on this hot path.
     stamps: list[int] = []
-    sizes: list[int] = []
-    messages: list[str] = []
+    costs: list[int] = []  # message bytes + EVENT_OVERHEAD_BYTES
+    events: list[dict[str, Any]] = []
     kept: list[Record] = []
-    keys: list[int] = []
     targets: list[tuple[str, str]] = []
-    target_of: dict[int, int] = {}
+    target_of: dict[int, int] = {}  # id(tags) -> index in targets (the records keep their tags alive)
+    fields_of: dict[tuple[int, str], bytes | None] = {}  # (id(tags), stream) -> _tag_fields(...)
+    last_tags: Tags | None = None
+    last_stream = ""
+    fields: bytes | None = None
+    dumps = orjson.dumps
+    level_field = _LEVEL_FIELD
+    add_stamp, add_cost, add_event, add_kept = stamps.append, costs.append, events.append, kept.append
     for record in records:
         ts = record.timestamp_ns // 1_000_000
         stated = record.event_time_ns
@@ -369,48 +397,95 @@ def encode_events(records: Sequence[Record], group_template: str, stream_templat
         elif ts > event_hi:
             ts = now_ms
         tags = record.tags
-        target = target_of.get(id(tags))
-        if target is None:
-            names = resolve_names(group_template, stream_template, tags)
-            if names not in targets:
-                targets.append(names)
-            target = target_of[id(tags)] = targets.index(names)
-        body = event_body(record)
-        encoded = _dumps(body)
+        stream = record.stream
+        if tags is not last_tags or stream != last_stream:  # consecutive records mostly share both
+            last_tags, last_stream = tags, stream
+            if id(tags) not in target_of:
+                names = resolve_names(group_template, stream_template, tags)
+                if names not in targets:
+                    targets.append(names)
+                target_of[id(tags)] = targets.index(names)
+            key = (id(tags), stream)
+            if key not in fields_of:
+                fields_of[key] = _tag_fields(tags, stream)
+            fields = fields_of[key]
+        # Fast path: the bytes of _dumps(event_body(record)), spliced from pre-encoded parts (one dumps for the
+        # message, one for the attributes). Anything orjson refuses takes the reference path.
+        encoded: bytes | None = None
+        if fields is not None:
+            level = record.level
+            attributes = record.attributes
+            try:
+                encoded = b"".join(
+                    (
+                        b'{"message":',
+                        dumps(record.message),
+                        level_field[level] if level is not None else b"",
+                        fields,
+                        b',"attributes":' + dumps(attributes, default=str) if attributes else b"",
+                        b"}",
+                    )
+                )
+            except (orjson.JSONEncodeError, TypeError):
+                encoded = None
+        if encoded is None:
+            encoded = _dumps(event_body(record))
         size = len(encoded)
         if size > MAX_MESSAGE_BYTES:
-            encoded = _fit(body)
+            encoded = _fit(event_body(record))
             size = len(encoded)
-        stamps.append(ts)
-        sizes.append(size)
-        messages.append(encoded.decode())
-        kept.append(record)
-        keys.append(target)
+        add_stamp(ts)
+        add_cost(size + EVENT_OVERHEAD_BYTES)
+        add_event({"timestamp": ts, "message": encoded.decode()})
+        add_kept(record)
 
     batches: list[Batch] = []
-    order = sorted(range(len(stamps)), key=stamps.__getitem__)  # stable: equal times keep their order
-    for target, (group, stream) in enumerate(targets):
-        indexes = order if len(targets) == 1 else [i for i in order if keys[i] == target]
-        events: list[dict[str, Any]] = []
-        batch_records: list[Record] = []
-        total = 0
-        first_ts = 0
-        for i in indexes:
-            ts = stamps[i]
-            cost = sizes[i] + EVENT_OVERHEAD_BYTES
-            if events and (
-                len(events) >= MAX_BATCH_EVENTS or total + cost > MAX_BATCH_BYTES or ts - first_ts >= MAX_BATCH_SPAN_MS
-            ):
-                batches.append(_batch(group, stream, events, batch_records, total))
-                events, batch_records, total = [], [], 0
-            if not events:
-                first_ts = ts
-            events.append({"timestamp": ts, "message": messages[i]})
-            batch_records.append(kept[i])
-            total += cost
-        if events:
-            batches.append(_batch(group, stream, events, batch_records, total))
+    if len(targets) == 1 and all(map(operator.le, stamps, itertools.islice(stamps, 1, None))):
+        batches = _cut(targets[0], stamps, events, kept, costs)  # one target, already in time order: no copies
+    else:
+        order = sorted(range(len(stamps)), key=stamps.__getitem__)  # stable: equal times keep their order
+        keys = [target_of[id(record.tags)] for record in kept] if len(targets) > 1 else []
+        for target, names in enumerate(targets):
+            indexes = order if len(targets) == 1 else [i for i in order if keys[i] == target]
+            batches += _cut(
+                names,
+                [stamps[i] for i in indexes],
+                [events[i] for i in indexes],
+                [kept[i] for i in indexes],
+                [costs[i] for i in indexes],
+            )
     return Encoded(batches, {TOO_OLD: too_old} if too_old else {})
+
+
+def _cut(
+    names: tuple[str, str],
+    stamps: list[int],
+    events: list[dict[str, Any]],
+    records: list[Record],
+    costs: list[int],
+) -> list[Batch]:
+    """``events`` (sorted by time; ``stamps``, ``records``, ``costs`` parallel to them) cut into the longest runs
+    that fit one request each, in order.
+
+    A run ends before the first event that would exceed :data:`MAX_BATCH_EVENTS`, :data:`MAX_BATCH_BYTES` (running
+    sum of ``costs``) or :data:`MAX_BATCH_SPAN_MS` after the run's first timestamp: found by bisection, since both
+    the running sum and the times only grow. A run always takes at least its first event: an event's cost is at most
+    :data:`MAX_MESSAGE_BYTES` + :data:`EVENT_OVERHEAD_BYTES` <= :data:`MAX_BATCH_BYTES`, and its span is 0.
+    """
+    group, stream = names
+    batches: list[Batch] = []
+    ends = list(itertools.accumulate(costs))  # ends[i]: bytes of events[0..i]
+    count = len(ends)
+    start = 0
+    base = 0  # bytes before start
+    while start < count:
+        end = min(count, start + MAX_BATCH_EVENTS)
+        end = bisect.bisect_right(ends, base + MAX_BATCH_BYTES, start, end)
+        end = bisect.bisect_left(stamps, stamps[start] + MAX_BATCH_SPAN_MS, start, end)
+        batches.append(_batch(group, stream, events[start:end], records[start:end], ends[end - 1] - base))
+        base = ends[end - 1]
+        start = end
+    return batches
 
 
 def _batch(group: str, stream: str, events: list[dict[str, Any]], records: list[Record], size: int) -> Batch:
@@ -568,6 +643,65 @@ def classify(response: Mapping[str, Any] | None, error: BaseException | None, ev
     return retry("internal_error", detail=detail, loud=True)
 
 
+# --- request body ---------------------------------------------------------------------------------------
+
+PUT_BODY_EVENT: Final = "before-call.cloudwatch-logs.PutLogEvents"
+"""The botocore event (https://docs.aws.amazon.com/botocore/latest/topics/events.html) emitted after botocore has
+serialised a ``PutLogEvents`` request and before it signs and sends it; its ``params`` is the request dict."""
+
+PUT_BODY_HANDLER_ID: Final = "forwarder-cloudwatch-prepared-body"
+"""The ``unique_id`` :func:`_use_prepared_body` is registered under on the sink's client."""
+
+_PREPARED: Final = threading.local()
+"""``body``: the ``PutLogEvents`` body the current thread is about to send (set by :func:`put_log_events`)."""
+
+
+def _use_prepared_body(params: dict[str, Any], **_: Any) -> None:
+    """botocore handler for :data:`PUT_BODY_EVENT`: when the calling thread prepared a body, it replaces the one
+    botocore serialised (which has the same names and an empty ``logEvents``). Everything after it is botocore's
+    own: ``Content-Length``, SigV4 signing (payload hash included), sending, response and error parsing."""
+    body = getattr(_PREPARED, "body", None)
+    if body is not None:
+        _PREPARED.body = None
+        params["body"] = body
+
+
+def _check_body_sent(cause: BaseException | None) -> None:
+    """Raise ``RuntimeError`` (from ``cause``) if :func:`_use_prepared_body` did not take this thread's body."""
+    if getattr(_PREPARED, "body", None) is not None:
+        _PREPARED.body = None
+        raise RuntimeError("PutLogEvents went out without the prepared body; its events were not sent") from cause
+
+
+def put_log_events(client: CloudWatchLogsClient, payload: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``client.put_log_events(**payload)``, with the request body serialised by orjson instead of botocore.
+
+    botocore's JSON serializer walks every event through the service model in Python and then runs the stdlib's
+    ``json.dumps``: ~3 us per event. ``orjson.dumps(payload)`` writes the same JSON document (compact and UTF-8,
+    where botocore's has spaces and ``\\u`` escapes) for ~0.5 us. The call goes through botocore as usual, with the
+    names and an empty ``logEvents``; :func:`_use_prepared_body` puts the full body in before botocore signs and sends
+    the request, so endpoint resolution, credentials, SigV4, timeouts and error parsing stay botocore's.
+
+    Args:
+        client: a client with :func:`_use_prepared_body` registered for :data:`PUT_BODY_EVENT`.
+        payload: ``logGroupName``, ``logStreamName``, ``logEvents`` (a :attr:`Batch.payload` of :func:`encode_events`).
+
+    Returns:
+        the parsed response. Raises what botocore raises, or ``RuntimeError`` if botocore did not call the handler
+        (the request went out without the events): a retry, never a drop as invalid.
+    """
+    _PREPARED.body = orjson.dumps(payload)
+    try:
+        response = client.put_log_events(
+            logGroupName=payload["logGroupName"], logStreamName=payload["logStreamName"], logEvents=[]
+        )
+    except Exception as exc:
+        _check_body_sent(exc)
+        raise
+    _check_body_sent(None)
+    return response
+
+
 # --- sink --------------------------------------------------------------------------------------------------
 
 
@@ -637,10 +771,11 @@ class CloudWatchSink:
                         retries={"total_max_attempts": 1, "mode": "standard"},
                         connect_timeout=self._http.timeout_s,
                         read_timeout=self._http.timeout_s,
-                        parameter_validation=False,
+                        parameter_validation=False,  # encode_events already enforces every limit
                         user_agent_extra="forwarder/0.1",
                     ),
                 )
+                self._client.meta.events.register(PUT_BODY_EVENT, _use_prepared_body, unique_id=PUT_BODY_HANDLER_ID)
             return self._client
 
     def _put(self, payload: dict[str, Any]) -> tuple[Mapping[str, Any] | None, BaseException | None]:
@@ -648,12 +783,12 @@ class CloudWatchSink:
         try:
             client = self._get_client()
             try:
-                return client.put_log_events(**payload), None
+                return put_log_events(client, payload), None
             except bce.ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
                     raise
             self._create(client, payload["logGroupName"], payload["logStreamName"])
-            return client.put_log_events(**payload), None
+            return put_log_events(client, payload), None
         except Exception as exc:  # noqa: BLE001 (classify() decides; send() never raises for delivery errors)
             return None, exc
 

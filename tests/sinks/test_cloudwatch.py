@@ -421,6 +421,72 @@ def test_records_straddling_a_24h_boundary_in_random_order() -> None:
     assert batches[0].payload["logEvents"][-1]["timestamp"] <= batches[1].payload["logEvents"][0]["timestamp"]
 
 
+def test_event_messages_are_the_reference_encoding_byte_for_byte() -> None:
+    """The spliced fast path writes exactly ``_dumps(event_body(record))``: same keys, order, escapes and fallbacks
+    (lone surrogates, integers beyond 64 bits, non-string keys, objects only ``str()`` can show), whichever tags
+    and streams alternate."""
+    odd = Tags(host="pod-\udcff", source="agent-a", service="svc")  # undecodable environment byte: stdlib fallback
+    twin = Tags(host=TAGS.host, source=TAGS.source, service=TAGS.service)  # equal values, another object
+    quoted = Tags(host='h"\\1', source="agent-a", service="sv\u2028c")
+
+    class Shown:
+        def __str__(self) -> str:
+            return "shown"
+
+    attribute_choices: list[dict[str, Any] | None] = [
+        None,
+        {},
+        {"room": "r1", "pid": 7, "nested": {"a": [1, 2.5, None, True]}},
+        {"quote": '"\\', "ctl": "\x00\x1f\n\t", "u": "é€😀\u2028"},
+        {"big": 2**70},
+        {1: "int key"},  # type: ignore[dict-item]  # a non-string key: the stdlib fallback
+        {"obj": Shown()},
+        {"s": "\ud800"},
+    ]
+    messages = ["", "plain", 'q"uote\\back', "ctl\x00\x07\r\n", "é€😀", "lone \udfff", "x" * 3000]
+    rng = random.Random(11)
+    records = [
+        rec(
+            rng.choice(messages),
+            NOW_MS - rng.randrange(10_000),
+            tags=rng.choice([TAGS, twin, odd, quoted]),
+            stream=rng.choice(["stdout", "stderr", 'we"ird']),
+            level=rng.choice([None, *Level]),
+            attributes=rng.choice(attribute_choices),
+        )
+        for _ in range(600)
+    ]
+    encoded = cw.encode_events(records, "/fixed", "fixed", NOW_MS)  # one target: both fast-path switches
+    assert sum(len(b.records) for b in encoded.batches) == len(records)
+    for batch in encoded.batches:
+        check_batch(batch)
+        for event, record in zip(batch.payload["logEvents"], batch.records, strict=True):
+            assert event["message"] == cw._dumps(cw.event_body(record)).decode()
+
+
+def test_equal_times_keep_their_order_and_every_path_gives_the_same_batches() -> None:
+    """Events are sorted by time, ties in arrival order, whether the records come sorted (no copy) or not, for one
+    target or several."""
+    other = Tags(host="worker-2", source="agent-b", service="svc")
+    rng = random.Random(3)
+    shuffled = [rec(f"m{i}", NOW_MS - HOUR_MS + rng.randrange(50), tags=rng.choice([TAGS, other])) for i in range(3000)]
+    by_time = sorted(shuffled, key=lambda r: r.timestamp_ns)  # stable: ties keep their order
+    expected = {
+        "/one": [r.message for r in by_time],  # one target for both sources
+        "/forwarder/agent-a": [r.message for r in by_time if r.tags is TAGS],
+        "/forwarder/agent-b": [r.message for r in by_time if r.tags is other],
+    }
+    for records in (shuffled, by_time):
+        for group, stream in (("/one", "one"), (cw.DEFAULT_LOG_GROUP, cw.DEFAULT_LOG_STREAM)):
+            sent: dict[str, list[str]] = {}
+            for batch in cw.encode_events(records, group, stream, NOW_MS).batches:
+                check_batch(batch)
+                events = sent.setdefault(batch.payload["logGroupName"], [])
+                events.extend(r.message for r in batch.records)
+                assert [body["message"] for body in bodies(batch)] == [r.message for r in batch.records]
+            assert sent == {k: v for k, v in expected.items() if (k == "/one") == (group == "/one")}
+
+
 # --- encode: oversized events ---------------------------------------------------------------------------------
 
 
@@ -731,12 +797,16 @@ class FakeCloudWatch:
         self.poison = poison
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.raw: list[bytes] = []
 
     def __call__(self, request: Request) -> Response:
         assert request.headers["X-Amz-Target"] == "Logs_20140328.PutLogEvents"
+        self.raw.append(request.get_data())
         body = json.loads(request.get_data())
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        if not body.get("logEvents"):  # AWS: logEvents is required, at least one event
+            return self._error(400, "InvalidParameterException")
         if self.answers:
             status, code = self.answers.pop(0)
             return self._error(status, code)
@@ -822,6 +892,53 @@ async def test_one_attempt_error_answers(
     assert TEST_SECRET_ACCESS_KEY not in verdict.detail and TEST_ACCESS_KEY_ID not in verdict.detail
 
 
+async def test_request_body_is_the_payload_as_compact_utf8_json_signed_by_botocore(
+    httpserver: HTTPServer, ca_file: Path
+) -> None:
+    """The bytes on the wire are ``orjson.dumps(payload)`` (AWS JSON 1.1), with botocore's headers and SigV4
+    signature over them."""
+    fake = FakeCloudWatch([])
+    httpserver.expect_request("/", method="POST").respond_with_handler(fake)
+    sink = https_sink(httpserver, ca_file)
+    now_ms = int(time.time() * 1000)
+    records = [
+        rec('ünïcode "quoted" \\ ☃', now_ms, level=Level.ERROR, attributes={"k": "v€"}),
+        rec("second", now_ms + 1),
+    ]
+    (batch,) = sink.encode(records).batches
+    verdict = await sink.send(batch)
+    await sink.aclose()
+    assert verdict.outcome is Outcome.OK
+    (raw,) = fake.raw
+    assert raw == orjson.dumps(batch.payload)
+    assert "☃".encode() in raw  # UTF-8 on the wire, not \\u escapes
+    assert json.loads(raw) == batch.payload
+    (headers,) = fake.headers
+    assert headers["Content-Type"] == "application/x-amz-json-1.1"
+    assert int(headers["Content-Length"]) == len(raw)
+    authorization = headers["Authorization"]
+    assert authorization.startswith(f"AWS4-HMAC-SHA256 Credential={TEST_ACCESS_KEY_ID}/")
+    assert "/us-west-2/logs/aws4_request" in authorization
+    assert "x-amz-target" in authorization.split("SignedHeaders=")[1]
+
+
+async def test_a_put_that_left_without_its_events_is_retried_never_dropped(
+    httpserver: HTTPServer, ca_file: Path
+) -> None:
+    """If botocore ever stopped calling the body handler, the request would carry no events and be refused as
+    invalid: the sink reports a loud retry (the records stay in the spool), not a split or a drop."""
+    fake = FakeCloudWatch([])
+    httpserver.expect_request("/", method="POST").respond_with_handler(fake)
+    sink = https_sink(httpserver, ca_file)
+    sink._get_client().meta.events.unregister(cw.PUT_BODY_EVENT, unique_id=cw.PUT_BODY_HANDLER_ID)
+    (batch,) = sink.encode([rec("a", int(time.time() * 1000)), rec("b", int(time.time() * 1000))]).batches
+    verdict = await sink.send(batch)
+    await sink.aclose()
+    assert [body["logEvents"] for body in fake.requests] == [[]]
+    assert verdict.outcome is Outcome.RETRY and verdict.reason == "internal_error" and verdict.loud
+    assert "without the prepared body" in verdict.detail
+
+
 async def test_untrusted_certificate_is_a_loud_retry(httpserver: HTTPServer) -> None:
     httpserver.expect_request("/", method="POST").respond_with_data("{}")
     sink = make_sink(httpserver.url_for("/").rstrip("/"))  # no ca_file: the test CA is not trusted
@@ -860,8 +977,8 @@ async def test_shutdown_does_not_wait_for_a_hanging_request(autojump_clock: trio
     assert elapsed < 2.5  # well under the 3 s read timeout the thread is still waiting on
 
 
-def test_encode_payload_is_orjson_compatible_and_fast_enough() -> None:
-    """Smoke check of the hot path: 20,000 typical records encode in well under a second on one core."""
+def test_encode_payload_is_orjson_compatible() -> None:
+    """20,000 typical records (several batches) encode; the messages are JSON. Speed is measured in bench/."""
     records = [
         rec(
             f"message number {i} with some text",
@@ -871,9 +988,6 @@ def test_encode_payload_is_orjson_compatible_and_fast_enough() -> None:
         )
         for i in range(20_000)
     ]
-    started = time.perf_counter()
     encoded = encode(records)
-    elapsed = time.perf_counter() - started
     assert sum(len(b.records) for b in encoded.batches) == 20_000
     assert orjson.loads(encoded.batches[0].payload["logEvents"][0]["message"])["level"] == "INFO"
-    assert elapsed < 1.0
