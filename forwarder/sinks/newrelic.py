@@ -12,7 +12,8 @@ batch::
       "logs": [{"timestamp": <ms>, "message": ...,
                 "attributes": {"stream": ..., "level": ..., <record attributes>}}]}]
 
-One ``{"common", "logs"}`` object per run of records sharing the same tags.
+One ``{"common", "logs"}`` object per run of records sharing the same tags. The members of a JSON object carry no
+order: :func:`encode`'s fast path sends ``stream`` and ``level`` after the record's attributes.
 
 Authentication: the Log API doc's header table lists ``Api-Key`` with "A New Relic license key"
 (https://docs.newrelic.com/docs/logs/log-api/introduction-log-api/#auth-header); newrelic-telemetry-sdk's
@@ -67,10 +68,12 @@ tests) through the shared httpx client.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import operator
 import re
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -78,7 +81,7 @@ import httpx
 import orjson
 
 from forwarder.config import ConfigError, HttpSettings, Secret
-from forwarder.record import HOST, SERVICE, SOURCE, STREAM, TRUNCATED, Record, Tags
+from forwarder.record import HOST, SERVICE, SOURCE, STREAM, STREAMS, TRUNCATED, Level, Record, Tags
 from forwarder.sinks._http import gzip_bytes, make_client, status_verdict, transport_verdict
 from forwarder.sinks._protocol import OK, Batch, Encoded, Verdict
 
@@ -388,6 +391,122 @@ def _fit(entry: dict[str, Any], budget: int) -> bytes:
             folded = _cut_utf8(folded, max(0, len(folded.encode("utf-8", "replace")) - excess - 64))
 
 
+# --- encode: the fast path ------------------------------------------------------------------------------------
+#
+# Most records need none of log_entry's care: their attribute names are plain, their values JSON scalars, their strings
+# short. encode() takes the records of a group in blocks, checks a block's attributes at once with C-level set
+# operations (_plain_renames: names and value types), builds its log objects with one comprehension (_plain_entries) and
+# serialises them with one orjson.dumps; a block that fits in the request body is appended as one piece, one that does
+# not is cut where the body is full (_Encoder.place). What is in doubt goes back to the per-record path (log_entry,
+# _dumps, _fit): a block with attributes that are not plain (log_entry builds its logs), a block orjson refuses (record
+# by record, as before), a block too large for the checks it skipped (halved until it is small enough, or is one
+# record). The bodies are the same either way (same logs, same sizes, same cuts: tests/sinks/test_newrelic.py compares
+# them with the per-record model); only the order of members differs (on the fast path ``stream``, ``level`` and renamed
+# attributes come after the record's own attributes), which a JSON object does not carry.
+
+_BLOCK_RECORDS: Final = 256
+"""Records serialised by one ``orjson.dumps`` call, at most (fewer when logs are long, see _BLOCK_BYTES)."""
+
+_BLOCK_BYTES: Final = MAX_VALUE_BYTES // 2
+"""Aimed size of a serialised block: blocks stay under MAX_VALUE_BYTES (see :meth:`_Encoder.place`) without
+being halved."""
+
+_PLAIN_TYPES: Final = frozenset((str, int, float, bool, type(None)))
+"""Attribute value types sent as they are (strings up to MAX_VALUE_BYTES: the size of their log bounds them)."""
+
+_PLAIN_MAX_ATTRIBUTES: Final = PER_LOG_ATTRIBUTES - 2
+"""Record attributes that always fit next to ``stream`` and ``level`` without folding."""
+
+_OWN_FIELDS: Final = frozenset((STREAM, LEVEL))
+
+_BASE_ATTRIBUTES: Final[dict[str, dict[Level | None, dict[str, Any]]]] = {
+    stream: {None: {STREAM: stream}} | {level: {STREAM: stream, LEVEL: level.name} for level in Level}
+    for stream in STREAMS
+}
+"""``stream`` and ``level`` by stream and level: the ``attributes`` of every log of the fast path without
+attributes of its own (shared, so never mutated: renames never concern ``stream`` or ``level``), merged into a
+copy of the record's attributes for the others."""
+
+
+_attributes_key: Final = operator.itemgetter("attributes")
+
+
+_DUMPS_OPTIONS: Final = orjson.OPT_PASSTHROUGH_DATETIME
+"""orjson refuses datetimes (log_entry sends ``str(value)``, orjson its own format): the block goes record by
+record."""
+
+
+def _plain_values(sources: Iterable[dict[Any, Any]]) -> bool:
+    """Whether every value of the dicts ``sources`` is of a _PLAIN_TYPES type (one C-level pass)."""
+    return _PLAIN_TYPES.issuperset(map(type, itertools.chain.from_iterable(map(dict.values, sources))))
+
+
+def _plain_renames(sources: list[dict[Any, Any]], names: set[str]) -> tuple[tuple[str, str], ...] | None:
+    """Whether the attributes ``sources`` (the non-empty ones of a block) are *plain* (log_entry would send them
+    as they are, but for renames), and the renames: ``None`` when one needs log_entry's care (more than
+    _PLAIN_MAX_ATTRIBUTES attributes, a name that is not a ``str``, is longer than MAX_ATTRIBUTE_NAME_CHARS or is
+    ``stream``/``level``, a value that is not of a _PLAIN_TYPES type), else the ``(name, "attr." + name)`` pairs
+    for the reserved names present (a JSON line's own ``timestamp``...).
+
+    ``names`` caches the names already found plain (and learns new ones). String lengths are not checked here:
+    the callers bound them by the size of the serialised logs.
+    """
+    if not sources:
+        return ()
+    keys: set[Any] = set().union(*sources)
+    if len(keys) > _PLAIN_MAX_ATTRIBUTES and max(map(len, sources)) > _PLAIN_MAX_ATTRIBUTES:
+        return None
+    renames: tuple[tuple[str, str], ...] = ()
+    if not names.issuperset(keys):
+        for name in keys.difference(names):
+            if name in _RENAMED:
+                if name in _OWN_FIELDS:
+                    return None
+                renames += ((name, RENAMED_PREFIX + name),)
+            elif type(name) is str and len(name) <= MAX_ATTRIBUTE_NAME_CHARS:
+                names.add(name)
+            else:
+                return None
+    if not _plain_values(sources):
+        return None
+    return renames
+
+
+def _plain_entries(block: Sequence[Record], renames: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
+    """log_entry for records with plain attributes (see :func:`_plain_renames`), built without looking at them
+    (long strings are not cut: the caller checks the size of the serialised logs).
+
+    Raises:
+        KeyError: a record's stream is neither ``stdout`` nor ``stderr`` (the caller takes the per-record path).
+    """
+    bases = _BASE_ATTRIBUTES
+    low, high = -MAX_TIMESTAMP_AGE_NS, MAX_TIMESTAMP_AGE_NS
+    entries = [
+        {
+            "timestamp": (
+                event
+                if (event := record.event_time_ns) is not None and low < event - record.timestamp_ns < high
+                else record.timestamp_ns
+            )
+            // 1_000_000,
+            "message": record.message,
+            # dict | dict copies the record's attributes table as it is (one memcpy) where {**a, **b} re-inserts
+            # every key of a dict that had keys removed (the shaper's JSON attributes: message and level).
+            "attributes": (
+                source | bases[record.stream][record.level]
+                if (source := record.attributes)
+                else bases[record.stream][record.level]
+            ),
+        }
+        for record in block
+    ]
+    for name, renamed in renames:
+        for attrs in map(_attributes_key, entries):
+            if name in attrs:  # never a shared base: those only hold stream and level
+                attrs[renamed] = attrs.pop(name)
+    return entries
+
+
 _CLOSE: Final = b"]}"
 
 
@@ -403,36 +522,159 @@ def _group_head(tags: Tags) -> bytes:
 
 
 class _Builder:
-    """Accumulates serialised logs into one request body of at most ``max_bytes`` bytes."""
+    """Accumulates serialised logs into one request body of at most ``max_bytes`` bytes.
 
-    __slots__ = ("groups", "max_bytes", "parts", "records", "size")
+    ``parts`` holds the body in order (``[``, group heads, pieces of comma-separated logs, the commas and the
+    ``]},`` between groups) for one final join; ``size`` is the length of the finished body (with its final
+    ``]}]``).
+    """
+
+    __slots__ = ("head", "max_bytes", "parts", "records", "size")
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.groups: list[tuple[bytes, list[bytes]]] = []
-        self.parts: list[bytes] | None = None
+        self.parts: list[bytes | memoryview] = [b"["]
+        self.head: bytes | None = None
         self.records: list[Record] = []
         self.size = 2  # "[" and "]"
 
+    def room(self, head: bytes) -> int:
+        """How many bytes of comma-separated logs of group ``head`` still fit."""
+        if head is self.head:
+            return self.max_bytes - self.size - 1  # the comma before them
+        return self.max_bytes - self.size - (1 if self.head is not None else 0) - len(head) - len(_CLOSE)
+
+    def append(self, head: bytes, piece: bytes | memoryview, records: Sequence[Record]) -> None:
+        """Append ``piece``, the comma-separated logs of ``records`` in group ``head`` (the caller checked
+        :meth:`room`, or the body is empty)."""
+        parts = self.parts
+        if head is self.head:
+            parts.append(b",")
+            self.size += 1 + len(piece)
+        else:
+            if self.head is not None:
+                parts.append(_CLOSE + b",")
+                self.size += 1
+            parts.append(head)
+            self.size += len(head) + len(_CLOSE) + len(piece)
+            self.head = head
+        parts.append(piece)
+        self.records.extend(records)
+
     def add(self, record: Record, head: bytes, entry: bytes) -> bool:
         """Append ``entry`` (in the group ``head``) if it fits; False when the body would exceed the limit."""
-        if self.parts is not None and self.groups[-1][0] is head:
-            extra = len(entry) + 1
-            if self.size + extra > self.max_bytes and self.records:
-                return False
-            self.parts.append(entry)
-        else:
-            extra = (1 if self.groups else 0) + len(head) + len(_CLOSE) + len(entry)
-            if self.size + extra > self.max_bytes and self.records:
-                return False
-            self.parts = [entry]
-            self.groups.append((head, self.parts))
-        self.size += extra
-        self.records.append(record)
+        if self.records and len(entry) > self.room(head):
+            return False
+        self.append(head, entry, (record,))
         return True
 
     def body(self) -> bytes:
-        return b"[" + b",".join(head + b",".join(parts) + _CLOSE for head, parts in self.groups) + b"]"
+        """The request body, ``[{"common": ..., "logs": [...]}, ...]``: :attr:`size` bytes."""
+        return b"".join((*self.parts, _CLOSE + b"]"))
+
+
+class _Encoder:
+    """Cuts records into request bodies of at most ``max_bytes`` bytes of JSON (see :func:`encode`)."""
+
+    __slots__ = ("batches", "block_records", "builder", "max_bytes", "names")
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.batches: list[Batch] = []
+        self.builder = _Builder(max_bytes)
+        self.names: set[str] = set()
+        self.block_records = _BLOCK_RECORDS
+
+    def add_run(self, run: Sequence[Record], head: bytes) -> None:
+        """Append ``run``, records of group ``head``, block by block."""
+        # One record alone must fit, even gzipped: its JSON leaves room for gzip's worst-case growth.
+        budget = self.max_bytes - 2 - len(head) - len(_CLOSE) - _gzip_slack(self.max_bytes)
+        start = 0
+        while start < len(run):
+            end = start + self.block_records
+            self.add_block(run[start:end], head, budget)
+            start = end
+
+    def add_block(self, block: Sequence[Record], head: bytes, budget: int) -> None:
+        """Append the records of ``block`` (group ``head``); ``budget`` is the most one log may take."""
+        sources = [source for record in block if (source := record.attributes)]
+        renames = _plain_renames(sources, self.names)
+        entries: list[dict[str, Any]] | None = None
+        if renames is not None:
+            try:
+                entries = _plain_entries(block, renames)
+            except KeyError:  # a stream that is neither stdout nor stderr
+                entries = None
+        if entries is None:
+            entries = [log_entry(record) for record in block]
+        try:
+            data = orjson.dumps(entries, option=_DUMPS_OPTIONS)
+        except (TypeError, orjson.JSONEncodeError):  # > 64-bit ints, lone surrogates, exotic values
+            for record in block:
+                self.add(record, head, _serialised(record, budget))
+            return
+        # The next block aims at _BLOCK_BYTES.
+        self.block_records = max(1, min(_BLOCK_RECORDS, len(block) * _BLOCK_BYTES // len(data)))
+        self.place(head, budget, block, entries, data)
+
+    def place(
+        self, head: bytes, budget: int, block: Sequence[Record], entries: list[dict[str, Any]], data: bytes
+    ) -> None:
+        """Append ``data``, the JSON array of ``entries`` (the logs of ``block``), cutting it where the body is
+        full (the next body starts with the log that did not fit).
+
+        Logs that take at most MAX_VALUE_BYTES bytes together hold no string that log_entry would cut, and none
+        of them is over ``budget`` when together they are not: such a block is cut at the count of logs its
+        average size says fit (again if they do not); a larger one is halved until it is, or is one record, which
+        then takes the per-record path.
+        """
+        size = len(data) - 2
+        if size <= MAX_VALUE_BYTES and size <= budget:
+            room = self.builder.room(head)
+            if size <= room:
+                self.builder.append(head, memoryview(data)[1:-1], block)
+                return
+            if len(block) == 1:
+                self.add(block[0], head, data[1:-1])
+                return
+            cut = min(len(block) - 1, max(1, len(block) * room // size))
+        elif len(block) == 1:
+            self.add(block[0], head, _serialised(block[0], budget))
+            return
+        else:
+            cut = len(block) // 2
+        for part, part_entries in ((block[:cut], entries[:cut]), (block[cut:], entries[cut:])):
+            self.place(head, budget, part, part_entries, orjson.dumps(part_entries, option=_DUMPS_OPTIONS))
+
+    def add(self, record: Record, head: bytes, entry: bytes) -> None:
+        """Append one serialised log, starting a new body when it does not fit in this one."""
+        if not self.builder.add(record, head, entry):
+            self.finish()
+            self.builder.add(record, head, entry)
+
+    def finish(self) -> None:
+        """Close the current body (if it has records) into a batch and start a new one."""
+        builder = self.builder
+        if not builder.records:
+            return
+        self.builder = _Builder(self.max_bytes)
+        body = builder.body()
+        payload = gzip_bytes(body)
+        if len(payload) > self.max_bytes and len(builder.records) > 1:
+            # Incompressible data grew under gzip: halve (gzip adds at most ~0.03%, so this is rare).
+            half = len(builder.records) // 2
+            for part in (builder.records[:half], builder.records[half:]):
+                self.batches.extend(encode(part, max_payload_bytes=self.max_bytes).batches)
+            return
+        self.batches.append(Batch(records=builder.records, payload=payload, size=len(body)))
+
+
+def _serialised(record: Record, budget: int) -> bytes:
+    """The per-record path: log_entry serialised, cut to ``budget`` bytes when longer."""
+    entry = _dumps(log_entry(record))
+    if len(entry) > budget:
+        entry = _fit(log_entry(record), budget)
+    return entry
 
 
 def encode(records: Sequence[Record], *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> Encoded:
@@ -440,48 +682,37 @@ def encode(records: Sequence[Record], *, max_payload_bytes: int = MAX_PAYLOAD_BY
     of JSON each (and gzipped bodies no larger). Pure and thread-safe; never drops a record (an oversized one
     is cut and marked ``truncated`` until it fits).
 
+    Bodies are filled greedily (a log goes into the current body when it fits, else starts the next one);
+    consecutive records with the same tags share one ``{"common", "logs"}`` group.
+
     Returns:
         :class:`Encoded` whose batches carry the gzipped body as ``payload`` and the JSON size as ``size``.
     """
-    batches: list[Batch] = []
+    encoder = _Encoder(max_payload_bytes)
     heads: dict[tuple[str, str, str], bytes] = {}
-    last_tags: Tags | None = None
-    head = b""
-    budget = 0
-    builder = _Builder(max_payload_bytes)
-    for record in records:
-        tags = record.tags
-        if tags is not last_tags:
-            key = (tags.host, tags.source, tags.service)
-            found = heads.get(key)
-            if found is None:
-                found = heads[key] = _group_head(tags)
-            head = found
-            last_tags = tags
-            # One record alone must fit, even gzipped: its JSON leaves room for gzip's worst-case growth.
-            budget = max_payload_bytes - 2 - len(head) - len(_CLOSE) - _gzip_slack(max_payload_bytes)
-        entry = _dumps(log_entry(record))
-        if len(entry) > budget:
-            entry = _fit(log_entry(record), budget)
-        if not builder.add(record, head, entry):
-            _finish(builder, batches, max_payload_bytes)
-            builder = _Builder(max_payload_bytes)
-            builder.add(record, head, entry)
-    if builder.records:
-        _finish(builder, batches, max_payload_bytes)
-    return Encoded(batches)
+    for run, tags in _runs(records):
+        key = (tags.host, tags.source, tags.service)
+        head = heads.get(key)
+        if head is None:
+            head = heads[key] = _group_head(tags)
+        encoder.add_run(run, head)
+    encoder.finish()
+    return Encoded(encoder.batches)
 
 
-def _finish(builder: _Builder, batches: list[Batch], max_payload_bytes: int) -> None:
-    body = builder.body()
-    payload = gzip_bytes(body)
-    if len(payload) > max_payload_bytes and len(builder.records) > 1:
-        # Incompressible data grew under gzip: halve (gzip adds at most ~0.03%, so this is rare).
-        half = len(builder.records) // 2
-        for part in (builder.records[:half], builder.records[half:]):
-            batches.extend(encode(part, max_payload_bytes=max_payload_bytes).batches)
+def _runs(records: Sequence[Record]) -> Iterator[tuple[Sequence[Record], Tags]]:
+    """``(records, tags)`` for each run of consecutive records sharing one tags object (the records of a source
+    share it). Compares identities only (``Tags.__eq__`` is Python code); runs with equal tags share a group
+    anyway (:func:`encode` finds the same head for them)."""
+    if not records:
         return
-    batches.append(Batch(records=builder.records, payload=payload, size=len(body)))
+    tags = [record.tags for record in records]
+    changes = bytes(map(operator.is_not, tags[1:], tags))  # changes[i] == 1: record i + 1 starts a run
+    start = 0
+    while (end := changes.find(1, start) + 1) > 0:
+        yield records[start:end], tags[start]
+        start = end
+    yield records[start:], tags[start]
 
 
 # --- classify -----------------------------------------------------------------------------------------------

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import email.utils
+import enum
 import gzip
 import io
+import itertools
 import json
 import logging
 import socket
@@ -496,6 +500,254 @@ def test_a_lines_own_time_is_used_within_48_hours(event_offset_h: int | None, us
     (batch,) = encode([rec(0, event_time_ns=event)]).batches
     ((_, entry),) = logs_of(decode_body(batch.payload))
     assert entry["timestamp"] == (event if used and event is not None else T0) // 1_000_000
+
+
+# --- the fast path and its fallbacks --------------------------------------------------------------------------
+
+
+def reference_batches(
+    records: list[Record], max_payload_bytes: int = MAX_PAYLOAD_BYTES
+) -> list[tuple[list[Record], int, Any]]:
+    """The per-record model of :func:`encode`: every record through ``log_entry`` and ``_dumps`` (cut by ``_fit``
+    when over the budget of one record), bodies filled greedily, one group per run of records with equal tags.
+    Returns ``(records, JSON size, decoded body)`` per body."""
+    out: list[tuple[list[Record], int, Any]] = []
+    groups: list[tuple[bytes, list[bytes]]] = []
+    batch: list[Record] = []
+    size = 2
+
+    def close() -> None:
+        body = b"[" + b",".join(head + b",".join(logs) + b"]}" for head, logs in groups) + b"]"
+        assert len(body) == size
+        out.append((batch, size, json.loads(body)))
+
+    for record in records:
+        head = newrelic._group_head(record.tags)
+        budget = max_payload_bytes - 2 - len(head) - 2 - newrelic._gzip_slack(max_payload_bytes)
+        entry = newrelic._dumps(newrelic.log_entry(record))
+        if len(entry) > budget:
+            entry = newrelic._fit(newrelic.log_entry(record), budget)
+        same = bool(groups) and groups[-1][0] == head
+        extra = 1 + len(entry) if same else (1 if groups else 0) + len(head) + 2 + len(entry)
+        if batch and size + extra > max_payload_bytes:
+            close()
+            groups, batch, size = [], [], 2
+            same, extra = False, len(head) + 2 + len(entry)
+        if same:
+            groups[-1][1].append(entry)
+        else:
+            groups.append((head, [entry]))
+        batch.append(record)
+        size += extra
+    if batch:
+        close()
+    return out
+
+
+def assert_same_as_reference(records: list[Record], max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+    """encode() cuts ``records`` into the very bodies of the per-record model (same records, same JSON sizes,
+    same JSON values; only the order of object members may differ), and leaves the records as they were."""
+    before = [(r.message, json.dumps(r.attributes, default=repr)) for r in records]
+    encoded = encode(records, max_payload_bytes=max_payload_bytes)
+    after = [(r.message, json.dumps(r.attributes, default=repr)) for r in records]
+    assert after == before
+    expected = reference_batches(records, max_payload_bytes)
+    assert not encoded.dropped
+    assert [[id(r) for r in b.records] for b in encoded.batches] == [[id(r) for r in rs] for rs, _, _ in expected]
+    for batch, (_, size, body) in zip(encoded.batches, expected, strict=True):
+        data = gzip.decompress(batch.payload)
+        assert batch.size == len(data) == size <= max_payload_bytes
+        assert len(batch.payload) <= max_payload_bytes
+        assert json.loads(data) == body
+
+
+class Shout(str):
+    """A str subclass: log_entry sends ``str(value)``, orjson would send it as it is (so it must not see it)."""
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+def json_line_record(i: int, **extra: Any) -> Record:
+    """What the shaper makes of a JSON line: its own fields (and ``timestamp``, renamed ``attr.timestamp``)."""
+    attributes: dict[str, Any] = {
+        "name": "livekit.agents",
+        "pid": 4242 + i % 7,
+        "job_id": f"AJ_{i:08d}",
+        "timestamp": "2025-11-21T04:40:00.123456+00:00",
+        **extra,
+    }
+    return rec(i, message=f"participant joined the room #{i}", attributes=attributes, event_time_ns=T0 - i)
+
+
+def mixed_records() -> list[Record]:
+    """Records as the shaper makes them of JSON and text lines, with every case that needs care: first each alone
+    among plain records (300 apart: never two in one block), then all of them close together."""
+    other = Tags(host="worker-8", source="other-agent", service="cloud.livekit.io")
+    int_key: dict[Any, Any] = {1: "int key", "ok": True}
+    special: list[Callable[[int], Record]] = [
+        lambda i: json_line_record(i, user={"id": i, "roles": ["a"]}),  # nested: flattened
+        lambda i: json_line_record(i, packages=["a", "b"], pair=(1, 2), empty={}),  # arrays: JSON strings
+        lambda i: json_line_record(i, pair=(1, 2)),  # an atomic tuple: the dict is not tracked by the gc
+        lambda i: json_line_record(i, level="debug", stream="stderr"),  # our own fields: renamed
+        lambda i: json_line_record(i, **{"n" * 300: "long name"}),  # folded
+        lambda i: json_line_record(i, **{f"k{j}": j for j in range(300)}),  # too many: folded
+        lambda i: json_line_record(i, big=2**70),  # orjson refuses
+        lambda i: json_line_record(i, text="lone \ud800 surrogate"),  # orjson refuses
+        lambda i: rec(i, message="lone \udfff in the message"),
+        lambda i: json_line_record(i, when=datetime.datetime(2025, 11, 21, 4, 40, tzinfo=datetime.UTC)),
+        lambda i: json_line_record(i, price=decimal.Decimal("1.50"), raw=b"bytes", colour=Colour.RED),
+        lambda i: json_line_record(i, level_int=Level.ERROR, shout=Shout("hey"), tags={"x"}),
+        lambda i: json_line_record(i, ratio=float("nan"), inf=float("inf")),  # null, as orjson sends them
+        lambda i: json_line_record(i, exc_info="é" * 70_000),  # 140 kB of UTF-8: cut and marked
+        lambda i: rec(i, message="m" * 130_000),  # cut and marked
+        lambda i: rec(i, stream="console"),  # not stdout/stderr
+        lambda i: rec(i, level=None, attributes=int_key),
+        lambda i: rec(i, tags=other, attributes={"truncated": True, "part": 2}),
+        lambda i: rec(i, message="x" * 60_000, attributes={"y": "y" * 60_000}),  # large, nothing to cut
+    ]
+    out: list[Record] = []
+    spread = 300 * len(special)
+    for i in range(spread + 200):
+        if (i % 300 == 150 and i < spread) or (i > spread and i % 3 == 0):
+            out.append(special[(i // 300 if i < spread else i) % len(special)](i))
+        elif i % 5 < 3:
+            out.append(json_line_record(i))
+        else:
+            out.append(rec(i, message=f"2025-11-21 04:40:00,123 - INFO livekit.agents - text line {i}"))
+    return out
+
+
+@pytest.mark.parametrize("max_payload_bytes", [MAX_PAYLOAD_BYTES, 200_000, 30_000])
+def test_fast_path_sends_what_the_per_record_path_sends(max_payload_bytes: int) -> None:
+    records = mixed_records()
+    assert_same_as_reference(records, max_payload_bytes)
+    # The shared attributes of logs without attributes of their own were not changed by any of this.
+    assert newrelic._BASE_ATTRIBUTES["stdout"][Level.INFO] == {"stream": "stdout", "level": "INFO"}
+    assert newrelic._BASE_ATTRIBUTES["stderr"][None] == {"stream": "stderr"}
+
+
+def test_plain_records_never_take_the_per_record_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records as the shaper makes them (JSON lines with their own timestamp, text lines with or without a level,
+    both streams) go through the block path only, also where bodies are full and blocks are cut."""
+    records = [
+        json_line_record(i) if i % 3 else rec(i, stream="stderr" if i % 2 else "stdout", level=None)
+        for i in range(3000)
+    ]
+    expected = reference_batches(records, 50_000)
+
+    def forbidden(*args: object, **kwargs: object) -> Any:
+        raise AssertionError("per-record path taken")
+
+    for name in ("log_entry", "_dumps", "_fit", "_serialised"):
+        monkeypatch.setattr(newrelic, name, forbidden)
+    encoded = encode(records, max_payload_bytes=50_000)
+    assert len(encoded.batches) == len(expected) > 10
+    for batch, (batch_records, size, body) in zip(encoded.batches, expected, strict=True):
+        assert batch.records == batch_records and batch.size == size
+        assert json.loads(gzip.decompress(batch.payload)) == body
+    attrs = logs_of(json.loads(gzip.decompress(encoded.batches[0].payload)))[1][1]["attributes"]  # a JSON line's
+    assert attrs["attr.timestamp"] == "2025-11-21T04:40:00.123456+00:00" and "timestamp" not in attrs
+
+
+def test_a_record_needing_care_sends_only_its_block_the_per_record_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    records = [json_line_record(i) for i in range(2000)]
+    records[1000] = json_line_record(1000, user={"id": 7})
+    calls: list[Record] = []
+    log_entry = newrelic.log_entry
+
+    def spy(record: Record) -> dict[str, Any]:
+        calls.append(record)
+        return log_entry(record)
+
+    monkeypatch.setattr(newrelic, "log_entry", spy)
+    ((_, entry),) = [(c, e) for b in encode(records).batches for c, e in logs_of(decode_body(b.payload))][1000:1001]
+    assert entry["attributes"]["user.id"] == 7 and "user" not in entry["attributes"]
+    assert any(r is records[1000] for r in calls)
+    assert 0 < len(calls) <= newrelic._BLOCK_RECORDS  # the other blocks took the fast path
+
+
+def test_each_run_of_a_source_is_one_group_whatever_the_tags_objects() -> None:
+    """Consecutive records of one source share a group, also when their (equal) tags are distinct objects."""
+    shared = [Tags("w", f"agent-{k}", "svc") for k in range(3)]
+    records = [
+        rec(i, tags=shared[(i // 7) % 3] if i < 140 else Tags("w", f"agent-{(i // 7) % 3}", "svc")) for i in range(280)
+    ]
+    assert_same_as_reference(records)
+    (batch,) = encode(records).batches
+    body = decode_body(batch.payload)
+    assert [g["common"]["attributes"]["source"] for g in body] == [f"agent-{k % 3}" for k in range(40)]
+    assert all(len(g["logs"]) == 7 for g in body)
+
+
+def test_a_block_over_the_body_limit_is_cut_exactly_where_the_body_is_full() -> None:
+    """Blocks straddle body boundaries (including a body whose room is already negative for the next group):
+    each body still ends with the last log that fits, and the next one starts with the log that did not."""
+    other = Tags(host="h", source="s", service="svc")
+    records = [
+        rec(i, message="y" * (150 + i % 400), tags=other if i % 700 < 3 else TAGS, attributes={"id": i})
+        for i in range(4000)
+    ]
+    assert_same_as_reference(records, 20_000)
+    encoded = encode(records, max_payload_bytes=20_000)
+    entries = {id(r): len(newrelic._dumps(newrelic.log_entry(r))) for r in records}
+    for batch, following in itertools.pairwise(encoded.batches):
+        assert batch.size + 1 + entries[id(following.records[0])] > 20_000 - 60  # full: no room for the next log
+
+
+def test_a_record_over_the_per_record_limits_is_cut_and_its_neighbours_are_not() -> None:
+    records = [json_line_record(i) for i in range(600)]
+    records[100] = json_line_record(100, exc_info="b" * 200_000)  # a value over MAX_VALUE_BYTES
+    blobs = {f"blob{j}": chr(0x61 + j) * 100_000 for j in range(12)}
+    records[300] = rec(300, attributes=blobs)  # a log over the body: folded and cut
+    assert_same_as_reference(records)
+    logs = [e for b in encode(records).batches for _, e in logs_of(decode_body(b.payload))]
+    assert logs[100]["attributes"]["exc_info"] == "b" * MAX_VALUE_BYTES and logs[100]["attributes"][TRUNCATED]
+    assert logs[300]["attributes"][TRUNCATED] is True and FOLDED_ATTRIBUTE in logs[300]["attributes"]
+    assert sum(TRUNCATED in e["attributes"] for e in logs) == 2
+
+
+def test_a_log_over_a_small_body_limit_is_cut_though_it_has_nothing_too_long() -> None:
+    """With a body limit under MAX_VALUE_BYTES, a log between the two is cut by the body limit alone."""
+    records = [json_line_record(i) for i in range(300)]
+    records[150] = rec(150, message="x" * 20_000, attributes={"y": "y" * 20_000})
+    assert_same_as_reference(records, 30_000)
+    logs = [e for b in encode(records, max_payload_bytes=30_000).batches for _, e in logs_of(decode_body(b.payload))]
+    assert logs[150]["attributes"][TRUNCATED] is True and logs[150]["message"] == "x" * 20_000
+    assert logs[150]["attributes"][FOLDED_ATTRIBUTE].startswith('{"y":"yyy')
+    assert sum(TRUNCATED in e["attributes"] for e in logs) == 1
+
+
+def test_unencodable_attribute_values_are_sent_as_the_per_record_path_sends_them() -> None:
+    when = datetime.datetime(2025, 11, 21, 4, 40, tzinfo=datetime.UTC)
+    special = {
+        "big": 2**70,
+        "lone": "a \ud800 b",
+        "when": when,
+        "price": decimal.Decimal("1.50"),
+        "raw": b"bytes",
+        "colour": Colour.RED,
+        "level_int": Level.ERROR,
+        "shout": Shout("hey"),
+    }
+    records = [json_line_record(i) for i in range(300)]
+    for j, (name, value) in enumerate(special.items()):
+        records[10 + 30 * j] = json_line_record(10 + 30 * j, **{name: value})
+    assert_same_as_reference(records)
+    logs = [e for b in encode(records).batches for _, e in logs_of(decode_body(b.payload))]
+    got = {name: logs[10 + 30 * j]["attributes"][name] for j, name in enumerate(special)}
+    assert got == {
+        "big": 2**70,
+        "lone": "a ? b",
+        "when": str(when),
+        "price": "1.50",
+        "raw": "b'bytes'",
+        "colour": "Colour.RED",
+        "level_int": str(Level.ERROR),
+        "shout": "hey",
+    }
+    assert all(TRUNCATED not in e["attributes"] for e in logs)
 
 
 # --- classify ------------------------------------------------------------------------------------------------
