@@ -91,6 +91,11 @@ class Forwarder:
     def events(self, event: str) -> list[dict[str, Any]]:
         return own_log(self.log_path.read_bytes(), event)
 
+    def wait_following(self) -> None:
+        """Wait until the forwarder has opened the file (its start-up takes a while on a loaded machine; a writer
+        started before that would rotate or truncate a file it has not seen yet)."""
+        wait_for(lambda: bool(self.events("tail_file_opened")), "the forwarder to open the file")
+
 
 @contextmanager
 def forwarder(args: list[str], env: dict[str, str], tmp_path: Path) -> Iterator[Forwarder]:
@@ -215,6 +220,7 @@ def test_rotation_while_writing_every_line_exactly_once(tail_env: dict[str, str]
     log.write_bytes(b"")
     sink = Sink(Path(tail_env["FORWARDER_STATE_DIR"]))
     with forwarder([str(log)], tail_env, tmp_path) as fwd:
+        fwd.wait_following()
         writer = Writer(log, N_LINES, "keep" if kind == "truncate" else "watch")
         for n, at in enumerate(ROTATE_AT, start=1):
             writer.wait_written(at)
@@ -257,6 +263,7 @@ def test_copytruncate_loses_at_most_the_race_window(tail_env: dict[str, str], tm
     truncated_at: list[float] = []
     copies: list[Path] = []
     with forwarder([str(log)], tail_env, tmp_path) as fwd:
+        fwd.wait_following()
         writer = Writer(log, N_LINES, "keep")
         for n, at in enumerate(ROTATE_AT, start=1):
             writer.wait_written(at)
@@ -308,6 +315,7 @@ def test_sigkill_mid_file_then_restart_resumes_at_the_checkpoint(tail_env: dict[
     total = 400_000
     sink = Sink(state)
     with forwarder([str(log)], env, tmp_path) as fwd:
+        fwd.wait_following()
         # ~100,000 lines/s in writes of 500 lines; the forwarder is killed while it follows the growing file.
         writer = subprocess.Popen([sys.executable, "-c", BULK_WRITER, str(log), str(total), "500"])
         wait_for(lambda: sink.poll() >= 50_000, "the first records")
