@@ -11,7 +11,12 @@ is not. The mix:
   level words in the middle of prose), logfmt, Python warnings with their source line, and tracebacks (plain and
   chained, some introduced by an ``ERROR`` log line), on stderr (prints on stdout).
 
-Usage: ``python bench/bench_shaping.py [--lines 1000000] [--batch 512] [--seed 7] [--min-level INFO]``
+With ``--read-size N`` the lines are framed from bytes too (each stream's lines as one byte stream, read N bytes at a
+time, the streams alternating, through :class:`forwarder.sources._lines.LineFramer`): framing is timed with shaping,
+as in ``forwarder tail`` (which reads 1 MiB at a time).
+
+Usage: ``python bench/bench_shaping.py [--lines 1000000] [--batch 512] [--seed 7] [--min-level INFO]
+[--read-size 1048576]``
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Iterator
 
 from forwarder.record import Level, Tags
 from forwarder.shaping.shaper import Shaper
+from forwarder.sources._lines import LineFramer
 
 WORDS = [
     *("agent", "room", "track", "audio", "video", "session", "participant", "connect", "publish", "subscribe"),
@@ -138,6 +144,20 @@ def generate(n: int, batch: int, seed: int) -> Iterator[tuple[str, list[str]]]:
         yield "stderr", err
 
 
+def _reads(batches: list[tuple[str, list[str]]], size: int) -> list[tuple[str, bytes]]:
+    """Each stream's lines as one byte stream (every line with its newline), cut in reads of ``size`` bytes; the two
+    streams' reads alternate."""
+    per_stream: dict[str, list[bytes]] = {}
+    for stream, lines in batches:
+        data = ("\n".join(lines) + "\n").encode("utf-8", "surrogatepass")
+        per_stream.setdefault(stream, []).append(data)
+    cut = {s: [b"".join(d)[i : i + size] for i in range(0, len(b"".join(d)), size)] for s, d in per_stream.items()}
+    out: list[tuple[str, bytes]] = []
+    for i in range(max(map(len, cut.values()), default=0)):
+        out.extend((stream, reads[i]) for stream, reads in cut.items() if i < len(reads))
+    return out
+
+
 def main() -> None:
     """Run the benchmark and print the figures."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,6 +165,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512, help="lines per feed() call (per stream)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--min-level", default="INFO")
+    ap.add_argument("--read-size", type=int, default=0, help="frame from bytes read this many at a time (0: off)")
     args = ap.parse_args()
 
     batches = list(generate(args.lines, args.batch, args.seed))
@@ -157,14 +178,22 @@ def main() -> None:
     gc.collect()
     gc.freeze()
 
+    reads = _reads(batches, args.read_size) if args.read_size > 0 else []
     shaper = Shaper(Tags("bench-host", "bench-agent", "cloud.livekit.io"), min_level=Level.parse(args.min_level))
+    framers = {"stdout": LineFramer(), "stderr": LineFramer()}
     records = 0
     now = 1_795_269_178_000_000_000
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    for stream, lines in batches:
-        now += 1_000_000
-        records += len(shaper.feed(stream, lines, now))
-        records += len(shaper.flush_idle(now))
+    if reads:
+        for stream, data in reads:
+            now += 1_000_000
+            records += len(shaper.feed(stream, framers[stream].feed(data), now))
+            records += len(shaper.flush_idle(now))
+    else:
+        for stream, lines in batches:
+            now += 1_000_000
+            records += len(shaper.feed(stream, lines, now))
+            records += len(shaper.flush_idle(now))
     records += len(shaper.flush())
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
 
@@ -172,6 +201,8 @@ def main() -> None:
         f"lines:      {n_lines:,} ({n_json / n_lines:.0%} JSON, {n_bytes / n_lines:.0f} bytes/line avg, "
         f"{len(batches):,} batches)"
     )
+    if reads:
+        print(f"framing:    {len(reads):,} reads of up to {args.read_size:,} bytes, timed with shaping")
     print(f"records:    {records:,} forwarded, {shaper.filtered:,} filtered below {args.min_level}")
     print(f"wall:       {wall:.3f} s   -> {n_lines / wall:,.0f} lines/s")
     print(f"cpu:        {cpu:.3f} s   -> {n_lines / cpu:,.0f} lines/s (CPU time of this process)")

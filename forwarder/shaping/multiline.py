@@ -24,6 +24,9 @@ Rules (a line "continues" the open group, or closes it and starts the next one):
 * a Python warning ``path:NN: XWarning: msg`` takes its indented source line by the first rule;
 * a blank line outside a traceback is an item of its own (empty message), never the head of a group.
 
+:meth:`LineGrouper.feed` takes a batch of lines, :meth:`LineGrouper.push` one line; ``Shaper`` takes the common lines
+itself in one pass and hands the others to ``push`` (see ``Shaper._shape``).
+
 Because any text line may be followed by a continuation, the last text line of a batch stays open until the next
 line arrives or the group has been idle for the timeout (:meth:`LineGrouper.flush_due`, driven by the pipeline
 through ``Shaper.next_deadline_ns``). A group that would grow past ``max_group_bytes`` (UTF-8 bytes of the joined
@@ -122,58 +125,66 @@ class LineGrouper:
         """Take ``lines`` (captured at ``now_ns``) and return the items that are complete, in order."""
         out: list[Item] = []
         append = out.append
-        strip = self._strip
+        push = self.push
         for raw in lines:
             if raw[:1] == "{" and self._head is None and type(raw) is str:  # fast path: a JSON candidate
                 append(raw)
-                continue
-            if type(raw) is LinePart:
-                if self._head is not None:
-                    self._close(out)
-                append(raw)
-                continue
-            line = raw
-            if "\x1b" in line:
-                key = ANSI.sub("", line)
-                if strip:
-                    line = key
             else:
-                key = line
-            c = key[:1]
-            if self._head is not None:
-                if self._mode == _PLAIN:
-                    if c in _INDENT:
-                        self._add(line, now_ns, out)
-                        continue
-                    if c == "T" and self._lines is None and key.startswith(TRACEBACK_HEADER):
-                        self._add(line, now_ns, out)  # a single line introducing a traceback joins it
-                        self._mode = _FRAMES
-                        self._flags |= TRACEBACK
-                        continue
-                    if self._lines is None and not self._flags:  # the common case: one plain line
-                        append((self._head, self._key, self._first_ns, 0))
-                        self._head = None
-                    else:
-                        self._close(out)
-                elif self._traceback_line(line, c, key, now_ns, out):
-                    continue
-                else:
-                    self._close(out)
-            if c == "{":
-                append(line)
-            elif not c:
-                append((line, "", now_ns, 0))
-            else:
-                self._head = line
-                self._key = key
-                self._first_ns = self._last_ns = now_ns
-                if c == "T" and key.startswith(TRACEBACK_HEADER):
-                    self._mode = _FRAMES
-                    self._flags = TRACEBACK
-                else:
-                    self._mode = _PLAIN
-                    self._flags = 0
+                push(raw, now_ns, out)
         return out
+
+    def push(self, raw: str, now_ns: int, out: list[Item]) -> None:
+        """Take one line (captured at ``now_ns``); append the items it completes to ``out``.
+
+        :meth:`feed` is this for every line. ``Shaper`` calls it for the lines its own fast path does not take
+        (see ``Shaper._shape``, which also reads and sets the open group's state: ``_head``, ``_key``,
+        ``_first_ns``, ``_last_ns``, ``_lines``, ``_flags``).
+        """
+        if type(raw) is LinePart:
+            if self._head is not None:
+                self._close(out)
+            out.append(raw)
+            return
+        line = raw
+        if "\x1b" in line:
+            key = ANSI.sub("", line)
+            if self._strip:
+                line = key
+        else:
+            key = line
+        c = key[:1]
+        if self._head is not None:
+            if self._mode == _PLAIN:
+                if c in _INDENT:
+                    self._add(line, now_ns, out)
+                    return
+                if c == "T" and self._lines is None and key.startswith(TRACEBACK_HEADER):
+                    self._add(line, now_ns, out)  # a single line introducing a traceback joins it
+                    self._mode = _FRAMES
+                    self._flags |= TRACEBACK
+                    return
+                if self._lines is None and not self._flags:  # the common case: one plain line
+                    out.append((self._head, self._key, self._first_ns, 0))
+                    self._head = None
+                else:
+                    self._close(out)
+            elif self._traceback_line(line, c, key, now_ns, out):
+                return
+            else:
+                self._close(out)
+        if c == "{":  # a JSON candidate (which may have had ANSI codes)
+            out.append(line)
+        elif not c:
+            out.append((line, "", now_ns, 0))
+        else:
+            # No group is open here, so the mode is _PLAIN and the flags are 0: _close resets them, and the one-line
+            # close above happens only with no flags (every mode but _PLAIN comes with TRACEBACK).
+            self._head = line
+            self._key = key
+            self._first_ns = self._last_ns = now_ns
+            if c == "T" and key.startswith(TRACEBACK_HEADER):
+                self._mode = _FRAMES
+                self._flags = TRACEBACK
 
     def flush_due(self, deadline_ns: int, out: list[Item]) -> None:
         """Close the open group if its latest line arrived at or before ``deadline_ns``; append its items."""

@@ -87,6 +87,17 @@ for _w, _lvl in _WORDS.items():
     for _v in (_w, _w.lower(), _w.capitalize()):
         _JSON_WORDS[_v] = (_lvl, _keep)
 
+_JSON_NAMES: Final[dict[str, Level]] = {v: lvl for v, (lvl, keep) in _JSON_WORDS.items() if not keep}
+"""The JSON ``level`` values that are a level's name (``INFO``, ``info``, ``Info``...): one lookup, nothing to keep."""
+_json_name = _JSON_NAMES.get
+
+_HITS: Final[dict[str, tuple[Level, str | None]]] = {
+    v: (lvl, v if keep else None) for v, (lvl, keep) in _JSON_WORDS.items()
+}
+""":func:`detect_level` results for the usual spellings of the level words (shared tuples, no allocation)."""
+_UPPER_HITS: Final[dict[str, tuple[Level, str | None]]] = {w: _HITS[w] for w in _WORDS}
+"""The same for the upper-case level words only."""
+
 _PY_NUMBERS: Final[dict[int, Level]] = {
     10: Level.DEBUG,
     20: Level.INFO,
@@ -172,15 +183,31 @@ def parse_timestamp(value: object) -> int | None:
             return _epoch_ns(num)
         td = dt - (_EPOCH_NAIVE if dt.tzinfo is None else _EPOCH)
         ns: int = (td.days * 86400 + td.seconds) * 1_000_000_000 + td.microseconds * 1000
-        if len(s) > 26 and s[26:27].isdigit() and s[19:20] in ".,":  # > 6 fraction digits: keep the ns
-            extra = s[26:29]
-            while not extra[-1].isdigit():
-                extra = extra[:-1]
-            ns += int(extra.ljust(3, "0"))
+        if s[26:27] in _ASCII_DIGITS:
+            ns += _sub_us(s)
         return ns
     if t is int or t is float:
         return _epoch_ns(value)  # type: ignore[arg-type]
     return None
+
+
+_ASCII_DIGITS: Final = frozenset("0123456789")
+
+
+def _sub_us(s: str) -> int:
+    """The nanoseconds below the microsecond of an ISO 8601 string that ``datetime.fromisoformat`` accepted (it keeps
+    6 fraction digits): its 7th to 9th fraction digits when it has that many, else 0.
+
+    E.g. ``...:58.043707123Z`` -> 123, ``...:58.0437071Z`` -> 100, ``...:58.0437+00:00`` -> 0 (the digit at index 26
+    belongs to the zone there).
+    """
+    frac = s[20:27]
+    if s[19:20] not in ".," or not (frac.isdigit() and frac.isascii()):
+        return 0
+    end = 27
+    while end < 29 and s[end : end + 1] in _ASCII_DIGITS:
+        end += 1
+    return int(s[26:end].ljust(3, "0"))
 
 
 def _epoch_ns(num: float) -> int | None:
@@ -227,34 +254,30 @@ def json_record(line: str, now_ns: int, stream: str, tags: Tags, strip: bool = T
         return None
     if type(d) is not dict:
         return None
-    msg = d.pop("message", None)
-    if type(msg) is str:
-        message = msg
-        pino = False
-    else:
-        message, pino = _json_message(d, msg, line)
+    message = d.pop("message", None)
+    pino = False
+    if type(message) is not str:
+        message, pino = _json_message(d, message, line)
 
     lv = d.pop("level", _ABSENT)
-    hit = _JSON_WORDS.get(lv) if type(lv) is str else None
-    level: Level | None
-    if hit is not None:
-        level = hit[0]
-        if hit[1]:
-            d[LEVEL_ORIGINAL] = lv
-    else:
+    try:
+        level = _json_name(lv)  # the common case: the level's name, nothing more to do
+    except TypeError:  # an array or object: not a level
+        level = None
+    if level is None:
         level = _json_level(d, lv, pino, message)
 
     ts = d.get("timestamp")
     event_ns: int | None
-    if type(ts) is str:  # inlined fast path of parse_timestamp for ISO 8601 with a zone and <= 6 fraction digits
+    if type(ts) is str:  # inlined fast path of parse_timestamp for ISO 8601 with a zone
         try:
             td = _fromiso(ts) - _EPOCH
         except (ValueError, TypeError):  # not ISO 8601, or no zone (naive minus aware)
             event_ns = parse_timestamp(ts)
         else:
             event_ns = (td.days * 86400 + td.seconds) * 1_000_000_000 + td.microseconds * 1000
-            if len(ts) > 26 and ts[26:27].isdigit():
-                event_ns = parse_timestamp(ts)
+            if ts[26:27] in _ASCII_DIGITS:  # maybe more than 6 fraction digits
+                event_ns += _sub_us(ts)
     elif ts is None:
         ts = d.get("time")
         if ts is None:
@@ -287,7 +310,7 @@ def _json_message(d: dict[str, Any], msg: object, line: str) -> tuple[str, bool]
 
 
 def _json_level(d: dict[str, Any], lv: object, pino: bool, message: str) -> Level | None:
-    """The level when ``level`` did not hold a common level word (``lv`` is what it held, or ``_ABSENT``)."""
+    """The level when ``level`` did not hold a level's name (``lv`` is what it held, or ``_ABSENT``)."""
     if lv is not _ABSENT:
         hit = normalize_level(lv, pino=pino)
         if hit is not None:
@@ -311,7 +334,7 @@ def _json_level(d: dict[str, Any], lv: object, pino: bool, message: str) -> Leve
 
 # --- text lines -----------------------------------------------------------------------------------------------
 
-_DIGITS: Final = frozenset("0123456789")
+_DIGITS: Final = _ASCII_DIGITS
 _PREFIX3: Final = frozenset(v[:3] for w in _WORDS for v in (w, w.lower(), w.capitalize()))
 """First three letters of every level word in upper, lower and capitalised case: the gate before any regex."""
 _GLOG: Final[dict[str, Level]] = {"I": Level.INFO, "W": Level.WARNING, "E": Level.ERROR, "F": Level.CRITICAL}
@@ -337,12 +360,16 @@ def detect_level(text: str) -> tuple[Level, str | None] | None:
     ``text`` must already be free of ANSI codes. Returns ``None`` when the line states no level. The rules are in
     the module docstring; a level word in the middle of prose is never taken.
     """
-    if not text:
-        return None
-    c = text[0]
+    c = text[:1]
     hit: tuple[Level, str | None] | None = None
     if c in _DIGITS:
-        hit = _after_timestamp(text)
+        if text[19:20] == "," and text[23:26] == " - " and text[4:5] == "-":  # the fast path of _after_timestamp
+            end = text.find(" ", 26)
+            hit = _UPPER_HITS.get(text[26:end] if end > 0 else text[26:])
+            if hit is None:
+                hit = _asctime_name(text, 23)
+        else:
+            hit = _after_timestamp(text)
     elif c == "[":
         m = _BRACKET_WORD.match(text)
         if m is not None:
@@ -382,12 +409,11 @@ def detect_level(text: str) -> tuple[Level, str | None] | None:
 
 def _after_timestamp(text: str) -> tuple[Level, str | None] | None:
     # Fast path for Python's default asctime "YYYY-MM-DD HH:MM:SS,mmm - " (livekit dev mode, logging defaults).
-    if text[23:26] == " - " and text[19:20] == "," and text[4:5] == "-":
+    if text[19:20] == "," and text[23:26] == " - " and text[4:5] == "-":
         end = text.find(" ", 26)
-        word = text[26:end] if end > 0 else text[26:]
-        lvl = _WORDS.get(word)
-        if lvl is not None:
-            return _hit(lvl, word)
+        hit = _UPPER_HITS.get(text[26:end] if end > 0 else text[26:])
+        if hit is not None:
+            return hit
         pos = 23
     else:
         m = _TIMESTAMP.match(text)
@@ -401,14 +427,20 @@ def _after_timestamp(text: str) -> tuple[Level, str | None] | None:
             # upper case (INFO), bracketed ([error]) or followed by ':' (error:); not "Error rate is low"
             if lvl is not None and (word.isupper() or (opened and closed) or sep == ":"):
                 return _hit(lvl, word)
+    return _asctime_name(text, pos)
+
+
+def _asctime_name(text: str, pos: int) -> tuple[Level, str | None] | None:
+    """Python's ``%(asctime)s - %(name)s - %(levelname)s - ...``: the level after the name, from ``pos``."""
     m = _PY_ASCTIME_NAME.match(text, pos)
     if m is not None:
-        word = m.group(1)
-        lvl = _WORDS.get(word)
-        if lvl is not None:
-            return _hit(lvl, word)
+        return _UPPER_HITS.get(m.group(1))
     return None
 
 
 def _hit(lvl: Level, word: str) -> tuple[Level, str | None]:
-    return lvl, (word if _DIFFERS[word.upper()] else None)
+    """``(lvl, word if it differs from the level's name else None)``; ``word`` is a level word in any case."""
+    hit = _HITS.get(word)
+    if hit is None:  # an unusual case mix ("wARN")
+        return lvl, (word if _DIFFERS[word.upper()] else None)
+    return hit

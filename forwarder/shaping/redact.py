@@ -2,7 +2,10 @@
 ``[REDACTED]`` before shaping, so an agent that logs its environment never ships our keys to a third party.
 
 Scrubbing runs on raw lines (before JSON parsing), so a secret inside any JSON field is caught too. Fast path: one
-``in`` test per secret on the batch's joined text; lines are rewritten only when a secret is present.
+``in`` test per secret and one ``search`` per pattern on the batch's joined text; lines are rewritten only when one of
+them may be present. A pattern whose match may depend on where a line ends (anchors ``^``, ``$``, ``\\A``, ``\\Z``,
+lookarounds, atomic groups, possessive repeats) cannot be tested on the joined text: with one, every line is
+scrubbed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,10 @@ from typing import Final
 from forwarder.sources._lines import LinePart
 
 REDACTED: Final = "[REDACTED]"
+_LINE_BOUND: Final = re.compile(r"\^|\$|\\[AZ]|\(\?[=!<>]|[*+?}]\+")
+"""In a pattern's source: a construct with which a match inside a line alone may fail in the joined text (anchors,
+lookarounds, atomic groups and possessive repeats, which see or may swallow what follows the line). Deliberately
+broad (``[^x]`` is caught too): such a pattern is simply tested line by line."""
 MIN_SECRET_CHARS: Final = 4
 """Shorter values are not scrubbed (they would redact ordinary words)."""
 
@@ -29,6 +36,10 @@ class Redactor:
     def __init__(self, secrets: Iterable[str] = (), patterns: Iterable[str] = ()) -> None:
         self._secrets = sorted({s for s in secrets if len(s) >= MIN_SECRET_CHARS}, key=len, reverse=True)
         self._patterns = [re.compile(p) for p in patterns]
+        # Patterns that can be tested once on a batch's joined text: whatever they match inside a line they also
+        # match there (a match spanning lines only costs a needless line-by-line pass).
+        self._joinable = [p for p in self._patterns if _LINE_BOUND.search(p.pattern) is None]
+        self._line_only = len(self._joinable) < len(self._patterns)
 
     @property
     def active(self) -> bool:
@@ -48,9 +59,11 @@ class Redactor:
         """``lines`` scrubbed (the same list when nothing matched); :class:`LinePart` marks are kept."""
         if not self.active:
             return lines
-        if not self._patterns:
+        if not self._line_only:
             joined = "\n".join(lines)
-            if not any(secret in joined for secret in self._secrets):
+            if not any(secret in joined for secret in self._secrets) and not any(
+                pattern.search(joined) for pattern in self._joinable
+            ):
                 return lines
         out: list[str] = []
         for line in lines:

@@ -2,7 +2,8 @@
 
 This is the interface the pipeline calls (``app.py``); the parts live in ``multiline.py`` (grouping, one
 :class:`~forwarder.shaping.multiline.LineGrouper` per stream), ``parse.py`` (JSON lines, level detection, ANSI,
-timestamps) and ``filter.py`` (minimum level).
+timestamps) and ``filter.py`` (minimum level). Lines without event times (the common case) are shaped in one pass
+that groups, parses and filters (``Shaper._shape``); lines with event times go through the grouper's items first.
 
 Record attributes set here besides a JSON line's own fields: ``level_original`` (the level as written, when it is
 not the normalised name), ``truncated``/``part``/``last_part`` (pieces of a line cut by framing; every piece gets
@@ -21,8 +22,16 @@ from typing import Any, Final
 
 from forwarder.record import TRUNCATED, Level, Record, Tags
 from forwarder.shaping.filter import filter_records
-from forwarder.shaping.multiline import CAPPED, TRACEBACK, Item, LineGrouper
-from forwarder.shaping.parse import LEVEL_ORIGINAL, detect_level, json_record, normalize_level, strip_ansi
+from forwarder.shaping.multiline import _EXC, _INDENT, _PLAIN, CAPPED, TRACEBACK, Item, LineGrouper
+from forwarder.shaping.parse import (
+    ANSI,
+    LEVEL_ORIGINAL,
+    TRACEBACK_HEADER,
+    detect_level,
+    json_record,
+    normalize_level,
+    strip_ansi,
+)
 from forwarder.sources._lines import LinePart
 
 DEFAULT_MULTILINE_TIMEOUT_S: Final = 0.2
@@ -91,12 +100,14 @@ class Shaper:
             grouper = self._groupers[stream] = LineGrouper(
                 strip_ansi=self.strip_ansi, max_group_bytes=self.max_group_bytes
             )
+        if event_times_ns is None and stream not in self._event_times:
+            return self._shape(stream, grouper, lines, now_ns)  # the common case: one pass
         items = grouper.feed(lines, now_ns)
-        records = self._records(stream, items, now_ns)
-        if event_times_ns is not None or stream in self._event_times:
-            queue = self._event_times.setdefault(stream, deque())
-            queue.extend(repeat(None, len(lines)) if event_times_ns is None else event_times_ns)
-            _stamp(queue, items, records)
+        queue = self._event_times.setdefault(stream, deque())
+        queue.extend(repeat(None, len(lines)) if event_times_ns is None else event_times_ns)
+        records: list[Record] = []
+        self._records(stream, items, now_ns, None, records)
+        _stamp(queue, items, records)
         return self._filter(records)
 
     def held(self, stream: str) -> int:
@@ -128,32 +139,140 @@ class Shaper:
             else:
                 grouper.flush_due(deadline_ns, items)
             if items:
-                records = self._records(stream, items, now_ns)
                 queue = self._event_times.get(stream)
-                if queue is not None:
+                if queue is None:
+                    self._records(stream, items, now_ns, self.min_level, out)
+                else:
+                    records: list[Record] = []
+                    self._records(stream, items, now_ns, None, records)
                     _stamp(queue, items, records)
-                out.extend(records)
+                    out.extend(self._filter(records))
         if len(self._groupers) > 1:
             out.sort(key=_by_time)
-        return self._filter(out)
+        return out
 
     def _filter(self, records: list[Record]) -> list[Record]:
         kept, filtered = filter_records(records, self.min_level)
         self.filtered += filtered
         return kept
 
-    def _records(self, stream: str, items: list[Item], now_ns: int) -> list[Record]:
-        """Records for grouper items; ``now_ns`` is the capture time of single-line items (JSON, parts)."""
+    def _shape(self, stream: str, grouper: LineGrouper, lines: Sequence[str], now_ns: int) -> list[Record]:
+        """:meth:`feed` without event times: grouping, parsing and level filtering in one pass over ``lines``.
+
+        The common lines are taken here, with the grouper's state read and set directly: a JSON candidate; a plain
+        text line (not indented, not a traceback header) while the open group, if any, is plain; an indented line
+        continuing the open group. A one-line group that such a line closes gets its record here too. Every other
+        line goes to :meth:`LineGrouper.push`. Items the grouper emits wait in ``items`` and become records (through
+        :meth:`_records`) before the next record made here, so the order is kept. The result is what
+        ``grouper.feed`` then :meth:`_records` give; the shaping tests check both paths.
+        """
         tags = self.tags
         strip = self.strip_ansi
+        floor = self.min_level
         out: list[Record] = []
         append = out.append
+        items: list[Item] = []
+        filtered = 0
+        level: Level | None
+        for raw in lines:
+            if type(raw) is str:  # not a LinePart
+                c = raw[:1]
+                if c == "{":  # a JSON candidate: complete by itself, it closes the open group
+                    line = raw
+                    head = grouper._head
+                    if head is not None:
+                        if grouper._lines is None and not grouper._flags:  # a one-line group (as below)
+                            if items:
+                                self._records(stream, items, now_ns, floor, out)
+                                items.clear()
+                            hit = detect_level(grouper._key)
+                            if hit is None:
+                                append(Record(grouper._first_ns, head, stream, tags))
+                            elif hit[0] < floor:
+                                filtered += 1
+                            else:
+                                original = hit[1]
+                                attrs = None if original is None else {LEVEL_ORIGINAL: original}
+                                append(Record(grouper._first_ns, head, stream, tags, hit[0], attrs))
+                            grouper._head = None
+                        else:
+                            grouper._close(items)
+                        if strip and "\x1b" in raw:  # as LineGrouper.push: the line without its ANSI codes
+                            line = ANSI.sub("", raw)
+                    if items:
+                        self._records(stream, items, now_ns, floor, out)
+                        items.clear()
+                    rec = json_record(line, now_ns, stream, tags, strip)
+                    if rec is None:  # not a JSON object: plain text
+                        rec = self._text_record(stream, line, now_ns)
+                    level = rec.level
+                    if level is None or level >= floor:
+                        append(rec)
+                    else:
+                        filtered += 1
+                    continue
+                key = line = raw
+                if "\x1b" in raw:
+                    key = ANSI.sub("", raw)
+                    c = key[:1]
+                    if strip:
+                        line = key
+                if c in _INDENT:  # continues the open group, if any (unless blank lines wait after a traceback)
+                    if grouper._head is not None and (grouper._mode != _EXC or not grouper._blanks):
+                        grouper._add(line, now_ns, items)
+                        continue
+                elif c and c != "{" and (c != "T" or not key.startswith(TRACEBACK_HEADER)):
+                    # a plain line: it closes a plain group (a traceback may take it: LineGrouper.push decides)
+                    head = grouper._head
+                    if head is None or grouper._mode == _PLAIN:
+                        if head is not None:
+                            if grouper._lines is None and not grouper._flags:  # a one-line group: its record
+                                if items:  # the records of the items before it first
+                                    self._records(stream, items, now_ns, floor, out)
+                                    items.clear()
+                                hit = detect_level(grouper._key)
+                                if hit is None:
+                                    append(Record(grouper._first_ns, head, stream, tags))
+                                elif hit[0] < floor:
+                                    filtered += 1
+                                else:
+                                    original = hit[1]
+                                    attrs = None if original is None else {LEVEL_ORIGINAL: original}
+                                    append(Record(grouper._first_ns, head, stream, tags, hit[0], attrs))
+                            else:
+                                grouper._close(items)
+                        grouper._head = line  # the head of the next group
+                        grouper._key = key
+                        grouper._first_ns = grouper._last_ns = now_ns
+                        continue
+            grouper.push(raw, now_ns, items)
+        if items:
+            self._records(stream, items, now_ns, floor, out)
+        self.filtered += filtered
+        return out
+
+    def _records(self, stream: str, items: list[Item], now_ns: int, min_level: Level | None, out: list[Record]) -> None:
+        """Append the records for grouper items to ``out``; ``now_ns`` is the capture time of single-line items.
+
+        With ``min_level``, records below it are left out and counted in :attr:`filtered` (what
+        :func:`~forwarder.shaping.filter.filter_records` does, without building them first); with ``None`` every
+        item gives a record (one per item, in order: :func:`_stamp` pairs them).
+        """
+        tags = self.tags
+        strip = self.strip_ansi
+        append = out.append
         error = Level.ERROR
+        floor = Level.DEBUG if min_level is None else min_level  # every level is >= DEBUG
+        filtered = 0
+        level: Level | None
         for item in items:
-            if type(item) is tuple:
+            if type(item) is str:  # a JSON candidate
+                rec = json_record(item, now_ns, stream, tags, strip)
+                if rec is None:  # not a JSON object: plain text
+                    rec = self._text_record(stream, item, now_ns)
+            elif type(item) is tuple:
                 message, key, ns, flags = item
                 hit = detect_level(key) if key else None
-                level: Level | None
                 attrs: dict[str, Any] | None
                 if hit is None:
                     level = attrs = None
@@ -168,23 +287,30 @@ class Shaper:
                     if flags & CAPPED:
                         attrs = attrs or {}
                         attrs[MULTILINE_CAPPED] = True
-                append(Record(ns, message, stream, tags, level, attrs))
-            elif type(item) is str:
-                rec = json_record(item, now_ns, stream, tags, strip)
-                if rec is None:  # not a JSON object: plain text
-                    text = strip_ansi(item)
-                    message = text if strip else item
-                    hit = detect_level(text)
-                    if hit is None:
-                        rec = Record(now_ns, message, stream, tags)
-                    else:
-                        attrs = None if hit[1] is None else {LEVEL_ORIGINAL: hit[1]}
-                        rec = Record(now_ns, message, stream, tags, hit[0], attrs)
-                append(rec)
+                if level is not None and level < floor:
+                    filtered += 1
+                else:
+                    append(Record(ns, message, stream, tags, level, attrs))
+                continue
             else:
                 assert isinstance(item, LinePart)
-                append(self._part_record(stream, item, now_ns))
-        return out
+                rec = self._part_record(stream, item, now_ns)
+            level = rec.level
+            if level is None or level >= floor:
+                append(rec)
+            else:
+                filtered += 1
+        self.filtered += filtered
+
+    def _text_record(self, stream: str, line: str, now_ns: int) -> Record:
+        """The record of a single line that looked like JSON but is not a JSON object: plain text."""
+        text = strip_ansi(line)
+        hit = detect_level(text)
+        message = text if self.strip_ansi else line
+        if hit is None:
+            return Record(now_ns, message, stream, self.tags)
+        attrs = None if hit[1] is None else {LEVEL_ORIGINAL: hit[1]}
+        return Record(now_ns, message, stream, self.tags, hit[0], attrs)
 
     def _part_record(self, stream: str, part: LinePart, now_ns: int) -> Record:
         plain = str.__str__(part)

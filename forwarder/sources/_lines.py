@@ -1,7 +1,8 @@
 """Bytes -> lines: framing on ``\\n`` (``\\r\\n`` too), bad bytes replaced, long lines cut into marked parts.
 
-The hot path works on whole read blocks, never byte by byte: one ``bytes.rfind``, one ``decode`` and one
-``str.split`` per block, with per-line work only for the rare long line.
+The hot path works on whole read blocks, never byte by byte: one ``bytes.rfind`` per block, then one ``decode``
+(in place, the block is not copied) and one ``str.split`` per slice of about 64 KiB cut at a newline, with per-line
+work only for the rare long line.
 
 * invalid UTF-8 is replaced by U+FFFD (``errors="replace"``), never a crash;
 * NUL bytes become U+FFFD (destinations and JSON tooling mishandle raw NULs);
@@ -15,6 +16,8 @@ from __future__ import annotations
 from typing import Final
 
 DEFAULT_MAX_LINE_BYTES: Final = 256 * 1024
+_SLICE_BYTES: Final = 64 * 1024
+"""A read block is decoded in slices of about this size (bytes, cut at newlines)."""
 
 
 class LinePart(str):
@@ -40,6 +43,17 @@ def _utf8_cut(data: bytes, limit: int) -> int:
     if (data[cut] & 0xC0) == 0x80:
         return limit
     return cut
+
+
+def _split(text: str) -> list[str]:
+    """The lines of decoded ``text`` (split on ``\\n``), without a ``\\r`` before the ``\\n``, NULs replaced."""
+    if "\r" in text:
+        lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    else:
+        lines = text.split("\n")
+    if "\x00" in text:
+        lines = [_clean(line) for line in lines]
+    return lines
 
 
 def _clean(text: str) -> str:
@@ -70,24 +84,40 @@ class LineFramer:
         if end < 0:
             self._rest += bytes(data)
             return self._cut_rest() if len(self._rest) > self._max else []
-        block = self._rest + data[:end] if self._rest else data[:end]
+        rest = self._rest
         self._rest = bytes(data[end + 1 :])
-        text = block.decode("utf-8", "replace")
-        if "\r" in text:
-            lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
-        else:
-            lines = text.split("\n")
-        if "\x00" in text:
-            lines = [_clean(line) for line in lines]
+        # Decoded in place (through a memoryview: no copy of the block), in slices of about _SLICE_BYTES cut at
+        # newlines (a small string is cheaper to make and to split than a large one), the held rest of the previous
+        # block with the first line. Decoding at a newline gives what decoding the whole would. A line can be longer
+        # than the limit only in a slice of more than a third of it (a byte decodes to at most 3 UTF-8 bytes: U+FFFD).
+        limit = self._max
+        with memoryview(data) as view:
+            if rest:
+                first = data.find(b"\n")
+                lead = rest + view[:first]
+                lines = _split(lead.decode("utf-8", "replace"))
+                long = 3 * len(lead) > limit
+                start = first + 1
+            else:
+                lines = []
+                long = False
+                start = 0
+            while start <= end:
+                stop = end if end - start <= _SLICE_BYTES else data.find(b"\n", start + _SLICE_BYTES, end)
+                if stop < 0:
+                    stop = end
+                lines += _split(str(view[start:stop], "utf-8", "replace"))
+                if 3 * (stop - start) > limit:
+                    long = True
+                start = stop + 1
         if self._part:
             lines[0] = LinePart(lines[0], self._part + 1, True)
             self._part = 0
-        if len(block) > self._max:
+        if long and len(rest) + end > limit:  # (a block within the limit is never cut: what was read fits)
             lines = self._cut_long(lines)
-        out = lines
         if len(self._rest) > self._max:
-            out.extend(self._cut_rest())
-        return out
+            lines.extend(self._cut_rest())
+        return lines
 
     def finish(self) -> list[str]:
         """End of stream: the unterminated last line, if any (empty list otherwise)."""

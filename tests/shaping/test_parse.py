@@ -319,3 +319,34 @@ def test_ansi_kept_in_message_when_disabled_but_level_still_found() -> None:
     shaper = Shaper(TAGS, strip_ansi=False)
     records = shaper.feed("stdout", [line], 1) + shaper.flush()
     assert [(r.message, r.level) for r in records] == [(line, WRN)]
+
+
+# Fractions of 1 to 9 digits, zones after them, and the day boundary; the same through parse_timestamp and through a
+# JSON line's "timestamp" (which has its own inlined fast path).
+S = 1_795_269_178_000_000_000  # 2026-11-21T13:52:58Z
+FRACTION_CASES: list[tuple[str, int]] = [
+    ("2026-11-21T13:52:58.1Z", S + 100_000_000),
+    ("2026-11-21T13:52:58.043Z", S + 43_000_000),
+    ("2026-11-21T13:52:58.0437+00:00", S + 43_700_000),
+    ("2026-11-21T14:52:58.0437+01:00", S + 43_700_000),  # 4 digits, then a zone: its digits are not nanoseconds
+    ("2026-11-21T14:52:58.04370+01:00", S + 43_700_000),
+    ("2026-11-21T13:52:58.0437+0000", S + 43_700_000),
+    ("2026-11-21T13:52:58.043707+00:00", S + 43_707_000),
+    ("2026-11-21T06:52:58.0437071-07:00", S + 43_707_100),
+    ("2026-11-21T06:52:58.04370712-07:00", S + 43_707_120),
+    ("2026-11-21T19:22:58.043707123+05:30", S + 43_707_123),
+    ("2026-11-21 13:52:58,043707123", S + 43_707_123),  # comma, no zone (UTC)
+    ("2026-11-21T13:52:58.0437071239Z", S + 43_707_123),  # past the 9th digit: dropped
+    ("2026-11-21T23:59:59.999999999Z", 1_795_305_599_999_999_999),
+    ("2026-11-22T00:00:00Z", 1_795_305_600_000_000_000),
+    ("2026-11-22T00:00:00.000000001+00:00", 1_795_305_600_000_000_001),
+    ("2026-11-22T01:00:00.5+01:00", 1_795_305_600_500_000_000),
+]
+
+
+@pytest.mark.parametrize(("value", "expected"), FRACTION_CASES)
+def test_timestamp_fractions_zones_and_day_boundary(value: str, expected: int) -> None:
+    assert parse_timestamp(value) == expected
+    rec = json_record(json.dumps({"message": "m", "timestamp": value}), 1, "stdout", TAGS)
+    assert rec is not None
+    assert rec.event_time_ns == expected

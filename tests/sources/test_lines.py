@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
+from forwarder.sources import _lines
 from forwarder.sources._lines import LineFramer, LinePart
 
 
@@ -95,3 +98,49 @@ def test_unterminated_last_line_after_cut_parts() -> None:
     out = frame([b"C" * 1500], limit=1024)
     assert "".join(out) == "C" * 1500
     assert isinstance(out[-1], LinePart) and out[-1].last
+
+
+def _plain_frame(data: bytes) -> list[str]:
+    """What framing gives for a stream without long lines: one decode and one split of the whole."""
+    text = data.decode("utf-8", "replace")
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    return [line.replace("\x00", "\ufffd") for line in lines]
+
+
+def test_large_reads_are_decoded_in_slices_like_one_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A read block is decoded in slices cut at newlines; bad bytes, CRLF and NULs right at the cuts must come out as
+    # one decode of the whole gives them.
+    monkeypatch.setattr(_lines, "_SLICE_BYTES", 7)
+    rng = random.Random(5)
+    alphabet = [b"ab", b"\n", b"\r\n", b"\x00", b"\xe2\x82", b"\xac", b"\xf0\x9f\x98\x80", b"\xff", b"\xc3", b"{}"]
+    for _ in range(200):
+        data = b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300))) + b"\n"
+        cuts = sorted(rng.sample(range(len(data)), min(len(data), rng.randint(0, 6))))
+        chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        assert frame(chunks) == _plain_frame(data)[:-1]
+
+
+def test_one_mebibyte_reads_of_ordinary_lines() -> None:
+    lines = [
+        f'{{"message": "line {i}", "level": "INFO"}}' if i % 3 else f"2026-11-21 x - INFO {i} é" for i in range(30_000)
+    ]
+    data = "\n".join(lines).encode() + b"\n"
+    read = 1024 * 1024
+    out = frame([data[i : i + read] for i in range(0, len(data), read)])
+    assert out == lines
+    assert not any(isinstance(line, LinePart) for line in out)
+
+
+def test_long_line_inside_a_large_read_is_cut_the_same_wherever_the_slices_fall(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = b"x\n" * 100 + b"L" * 5000 + b"\n" + b"y\n" * 100
+    expected = frame([data], limit=1024)
+    assert ["".join(p for p in expected if isinstance(p, LinePart))] == ["L" * 5000]
+    for size in (3, 64, 1000, 6000):
+        monkeypatch.setattr(_lines, "_SLICE_BYTES", size)
+        assert frame([data], limit=1024) == expected
+        got = frame([data[:2600], data[2600:]], limit=1024)
+        assert [(str(p), getattr(p, "part", 0), getattr(p, "last", None)) for p in got] == [
+            (str(p), getattr(p, "part", 0), getattr(p, "last", None)) for p in expected
+        ]
