@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Final, Protocol
 
 import trio
@@ -168,7 +169,10 @@ def _in_trio() -> bool:
 
 def records_size(records: Sequence[Record]) -> int:
     """Approximate bytes of ``records``: message lengths plus :data:`RECORD_OVERHEAD_BYTES` each."""
-    return sum(len(r.message) for r in records) + RECORD_OVERHEAD_BYTES * len(records)
+    return sum(map(len, map(_message, records))) + RECORD_OVERHEAD_BYTES * len(records)
+
+
+_message: Final = attrgetter("message")
 
 
 class MemoryBuffer:

@@ -91,9 +91,12 @@ import shutil
 import sqlite3
 import threading
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
+from operator import attrgetter
 from pathlib import Path
 from typing import Final, cast
 
@@ -212,6 +215,14 @@ def encode_chunk(records: Sequence[Record], compress_level: int = DEFAULT_COMPRE
     return head + data
 
 
+_timestamp_ns: Final = attrgetter("timestamp_ns")
+_message: Final = attrgetter("message")
+_stream: Final = attrgetter("stream")
+_level: Final = attrgetter("level")
+_attributes: Final = attrgetter("attributes")
+_event_time_ns: Final = attrgetter("event_time_ns")
+
+
 def _encode(records: Sequence[Record], compress_level: int) -> tuple[bytes, bytes]:
     """:func:`encode_chunk` as (codec byte, data), written to a file with one ``writev`` without joining them."""
     tag_objects = [r.tags for r in records]
@@ -234,12 +245,12 @@ def _encode(records: Sequence[Record], compress_level: int) -> tuple[bytes, byte
         FORMAT_VERSION,
         tags,
         tag_index,
-        [r.timestamp_ns for r in records],
-        [r.message for r in records],
-        [r.stream for r in records],
-        [r.level for r in records],
-        [r.attributes for r in records],
-        [r.event_time_ns for r in records],
+        list(map(_timestamp_ns, records)),
+        list(map(_message, records)),
+        list(map(_stream, records)),
+        list(map(_level, records)),
+        list(map(_attributes, records)),
+        list(map(_event_time_ns, records)),
     )
     codec = 0
     try:
@@ -1107,16 +1118,22 @@ class Spool:
         limit = self._chunk_max_bytes
         if total <= limit:
             return [(records, total)]
+        # Cumulative record bytes (C-level loops), then each cut found by bisection: a run ends at the first record
+        # that brings it to ``limit`` bytes or more.
+        overhead = RECORD_OVERHEAD_BYTES
+        totals = list(accumulate(length + overhead for length in map(len, map(_message, records))))
         groups: list[tuple[list[Record], int]] = []
         start = 0
-        size = 0
-        for i, r in enumerate(records):
-            size += len(r.message) + RECORD_OVERHEAD_BYTES
-            if size >= limit:
-                groups.append((records[start : i + 1], size))
-                start, size = i + 1, 0
-        if start < len(records):
-            groups.append((records[start:], size))
+        base = 0
+        count = len(records)
+        while start < count:
+            end = bisect_left(totals, base + limit, lo=start)
+            if end >= count:
+                groups.append((records[start:], totals[-1] - base))
+                break
+            groups.append((records[start : end + 1], totals[end] - base))
+            base = totals[end]
+            start = end + 1
         return groups
 
     def _applied(self, chunks: list[Chunk], checkpoints: dict[str, str], result: _WriteResult) -> None:

@@ -23,7 +23,7 @@ import trio
 import trio.testing
 
 from forwarder.delivery import spool as spool_module
-from forwarder.delivery.buffer import SPOOL_FULL, Chunk, records_size
+from forwarder.delivery.buffer import RECORD_OVERHEAD_BYTES, SPOOL_FULL, Chunk, records_size
 from forwarder.delivery.spool import (
     CHUNKS_DIR,
     DESTINATION_REMOVED,
@@ -733,12 +733,15 @@ async def test_a_chunk_discarded_while_a_reader_loads_is_counted_not_skipped(spo
 # --- crash consistency -------------------------------------------------------------------------------------------
 
 CHILD = """
-import sys, trio
+import sys, structlog, trio
 from pathlib import Path
 from forwarder.delivery.spool import Spool
 from forwarder.record import Record, Tags
 
 async def main() -> None:
+    # The spool's own diagnostics (e.g. orphan chunk files removed after the previous kill) go to stderr: stdout
+    # carries only the numbers persisted.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     spool = Spool.open(Path(sys.argv[1]), max_bytes=1 << 30, chunk_max_bytes=16384)
     spool.register(["a", "b", "keep"])  # keep never reads: the whole stream stays for the check
     n = int(spool.load_checkpoints().get("n", "-1")) + 1
@@ -917,3 +920,31 @@ async def test_chunks_are_compressed_only_when_it_pays(spool_dir: Path, autojump
         assert all(flags[first:]) and 5 <= first <= 15, flags
     finally:
         await s.aclose()
+
+
+def _split_reference(records: list[Record], limit: int) -> list[tuple[list[Record], int]]:
+    """The record-by-record cut the spool makes (a run ends at the first record that brings it to ``limit``)."""
+    groups: list[tuple[list[Record], int]] = []
+    start = size = 0
+    for i, r in enumerate(records):
+        size += len(r.message) + RECORD_OVERHEAD_BYTES
+        if size >= limit:
+            groups.append((records[start : i + 1], size))
+            start, size = i + 1, 0
+    if start < len(records):
+        groups.append((records[start:], size))
+    return groups
+
+
+async def test_staged_records_are_cut_into_chunks_like_record_by_record(spool_dir: Path) -> None:
+    rng = random.Random(7)
+    spool = Spool.open(spool_dir, max_bytes=1 << 30, chunk_max_bytes=4096)
+    try:
+        for _ in range(200):
+            records = [Record(i, "x" * rng.choice([0, 1, 50, 500, 4000, 9000]), "stdout", TAGS) for i in range(40)]
+            total = records_size(records)
+            assert spool._split(records, total) == (
+                [(records, total)] if total <= 4096 else _split_reference(records, 4096)
+            )
+    finally:
+        await spool.aclose()
