@@ -182,18 +182,9 @@ class Shaper:
                     head = grouper._head
                     if head is not None:
                         if grouper._lines is None and not grouper._flags:  # a one-line group (as below)
-                            if items:
-                                self._records(stream, items, now_ns, floor, out)
-                                items.clear()
-                            hit = detect_level(grouper._key)
-                            if hit is None:
-                                append(Record(grouper._first_ns, head, stream, tags))
-                            elif hit[0] < floor:
-                                filtered += 1
-                            else:
-                                original = hit[1]
-                                attrs = None if original is None else {LEVEL_ORIGINAL: original}
-                                append(Record(grouper._first_ns, head, stream, tags, hit[0], attrs))
+                            filtered += self._one_line_group(
+                                grouper, head, stream, items=items, now_ns=now_ns, floor=floor, out=out
+                            )
                             grouper._head = None
                         else:
                             grouper._close(items)
@@ -227,18 +218,9 @@ class Shaper:
                     if head is None or grouper._mode == _PLAIN:
                         if head is not None:
                             if grouper._lines is None and not grouper._flags:  # a one-line group: its record
-                                if items:  # the records of the items before it first
-                                    self._records(stream, items, now_ns, floor, out)
-                                    items.clear()
-                                hit = detect_level(grouper._key)
-                                if hit is None:
-                                    append(Record(grouper._first_ns, head, stream, tags))
-                                elif hit[0] < floor:
-                                    filtered += 1
-                                else:
-                                    original = hit[1]
-                                    attrs = None if original is None else {LEVEL_ORIGINAL: original}
-                                    append(Record(grouper._first_ns, head, stream, tags, hit[0], attrs))
+                                filtered += self._one_line_group(
+                                    grouper, head, stream, items=items, now_ns=now_ns, floor=floor, out=out
+                                )
                             else:
                                 grouper._close(items)
                         grouper._head = line  # the head of the next group
@@ -250,6 +232,33 @@ class Shaper:
             self._records(stream, items, now_ns, floor, out)
         self.filtered += filtered
         return out
+
+    def _one_line_group(
+        self,
+        grouper: LineGrouper,
+        head: str,
+        stream: str,
+        *,
+        items: list[Item],
+        now_ns: int,
+        floor: Level,
+        out: list[Record],
+    ) -> int:
+        """Append the record of ``grouper``'s open one-line group (``head``) to ``out``, after the records of
+        ``items`` (which it empties); returns 1 if the record was below ``floor`` (filtered), else 0."""
+        if items:
+            self._records(stream, items, now_ns, floor, out)
+            items.clear()
+        hit = detect_level(grouper._key)
+        if hit is None:
+            out.append(Record(grouper._first_ns, head, stream, self.tags))
+        elif hit[0] < floor:
+            return 1
+        else:
+            original = hit[1]
+            attrs = None if original is None else {LEVEL_ORIGINAL: original}
+            out.append(Record(grouper._first_ns, head, stream, self.tags, hit[0], attrs))
+        return 0
 
     def _records(self, stream: str, items: list[Item], now_ns: int, min_level: Level | None, out: list[Record]) -> None:
         """Append the records for grouper items to ``out``; ``now_ns`` is the capture time of single-line items.
