@@ -6,9 +6,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -79,3 +80,18 @@ def own_log(stderr: bytes, event: str) -> list[dict[str, Any]]:
 
 
 Runner = Callable[..., subprocess.CompletedProcess[bytes]]
+
+
+T = TypeVar("T")
+
+
+def poll(probe: Callable[[], T | None], timeout: float, what: str) -> T:
+    """Call ``probe`` until it returns something truthy, for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)

@@ -23,14 +23,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from forwarder.delivery.spool import SPOOL_FILE, decode_chunk, read_stored_chunks
-from tests.e2e.conftest import forwarder_cmd, own_log, run_forwarder
+from tests.e2e.conftest import forwarder_cmd, own_log, poll, run_forwarder
 
 DD_API_KEY = "0123456789abcdef0123456789abcdef"
 NR_LICENSE_KEY = "delivery0123456789abcdef0123456789abNRAL"
@@ -45,21 +45,6 @@ while stop is None or not os.path.exists(stop):
     time.sleep(0.002)
 """
 """The agent: ``n 0``, ``n 1``, ... about 400 lines a second, until the file named by ``argv[1]`` exists."""
-
-T = TypeVar("T")
-
-
-def poll(probe: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Call ``probe`` until it returns something truthy, for at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
 
 def number(message: str) -> int:
     """The number of a ``n 123`` line."""

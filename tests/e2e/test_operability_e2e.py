@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import httpx
 import pytest
@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from tests.e2e.conftest import forwarder_cmd, own_log, run_forwarder
+from tests.e2e.conftest import forwarder_cmd, own_log, poll, run_forwarder
 from tests.sinks.moto_server import admin_client, require_loopback, running_moto
 
 AGENT_SCRIPT = r"""
@@ -48,21 +48,6 @@ for line in sys.stdin:
     sys.stdout.flush()
     sys.stderr.flush()
 """
-
-T = TypeVar("T")
-
-
-def poll(probe: Callable[[], T | None], timeout: float, what: str) -> T:
-    """Call ``probe`` until it returns something truthy, for at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
 
 # --- emulators ----------------------------------------------------------------------------------------------------
 
