@@ -46,7 +46,7 @@ import orjson
 
 from forwarder.config import ConfigError, HttpSettings, Secret, parse_choice
 from forwarder.record import TRUNCATED, Level, Record, Tags
-from forwarder.sinks._http import gzip_bytes, make_client, parse_retry_after, transport_verdict
+from forwarder.sinks._http import gzip_bytes, make_client, parse_retry_after, post, transport_verdict
 from forwarder.sinks._protocol import OK, Batch, Encoded, Outcome, Verdict, drop, retry, split
 
 # ------------------------------------------------------------------------------------------------------------
@@ -721,8 +721,8 @@ class DatadogSink:
         """POST ``batch.payload`` (gzip'd JSON array) once; return :func:`classify`'s verdict, or ``RETRY``
         for a transport error. Verdict details never contain the token."""
         try:
-            response = await self._client.post(
-                self._url, content=batch.payload, headers=self._headers, params=self._params
+            response = await post(
+                self._client, self._url, content=batch.payload, headers=self._headers, params=self._params
             )
         except httpx.HTTPError as exc:
             return self._scrub(transport_verdict(exc))

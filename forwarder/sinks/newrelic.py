@@ -82,7 +82,7 @@ import orjson
 
 from forwarder.config import ConfigError, HttpSettings, Secret
 from forwarder.record import HOST, SERVICE, SOURCE, STREAM, STREAMS, TRUNCATED, Level, Record, Tags
-from forwarder.sinks._http import gzip_bytes, make_client, status_verdict, transport_verdict
+from forwarder.sinks._http import gzip_bytes, make_client, post, status_verdict, transport_verdict
 from forwarder.sinks._protocol import OK, Batch, Encoded, Verdict
 
 # --- limits -------------------------------------------------------------------------------------------------
@@ -766,7 +766,7 @@ class NewRelicSink:
     async def send(self, batch: Batch) -> Verdict:
         """POST ``batch.payload`` once: the verdict from :func:`classify`, or ``RETRY`` for a transport error."""
         try:
-            response = await self._client.post(self._url, content=batch.payload, headers=self._headers)
+            response = await post(self._client, self._url, content=batch.payload, headers=self._headers)
         except httpx.HTTPError as exc:
             verdict = transport_verdict(exc)
         else:

@@ -64,7 +64,7 @@ from sentry_sdk.utils import BadDsn, Dsn, json_dumps
 from forwarder import __version__
 from forwarder.config import ConfigError, HttpSettings, Secret
 from forwarder.record import HOST, SERVICE, SOURCE, STREAM, TRUNCATED, Level, Record, Tags
-from forwarder.sinks._http import gzip_bytes, make_client, parse_retry_after, transport_verdict
+from forwarder.sinks._http import gzip_bytes, make_client, parse_retry_after, post, transport_verdict
 from forwarder.sinks._protocol import OK, Batch, Encoded, Outcome, Verdict, drop, retry, split
 from forwarder.sinks._traceback import ParsedException, find_traceback, in_app, module_of, parse_traceback
 
@@ -858,7 +858,7 @@ class SentrySink:
         if wait > 0:
             return self._for_event(envelope, retry("rate_limited", wait, detail="category rate-limited by Sentry"))
         try:
-            response = await self._client.post(self._url, content=envelope.body, headers=self._headers)
+            response = await post(self._client, self._url, content=envelope.body, headers=self._headers)
         except httpx.HTTPError as exc:
             return transport_verdict(exc)
         self._limits.apply(response_rate_limits(response.status_code, response.headers), self._clock())

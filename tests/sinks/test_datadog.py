@@ -6,6 +6,7 @@ what arrived there (path, headers, query, gzip body).
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import socket
@@ -587,6 +588,28 @@ def make_sink(httpserver: HTTPServer, ca_file: Path, token: str = API_KEY, **env
 
 def runner_for(sink: datadog.DatadogSink) -> DestinationRunner:
     return DestinationRunner(sink, MemoryBuffer(10**9), DestinationStats("datadog"), RetryPolicy(0.001, 0.001))
+
+
+async def test_a_sent_request_leaves_no_reference_cycle(httpserver: HTTPServer, ca_file: Path, intake: Intake) -> None:
+    """httpx 0.28 keeps each response in a cycle with its stream (and the request body); the sink breaks it, so a
+    delivered payload is freed by reference counting, not at the garbage collector's next pass (peak RSS)."""
+    sink = make_sink(httpserver, ca_file)
+    [batch] = sink.encode([rec("one"), rec("two")]).batches
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            assert (await sink.send(batch)).outcome is Outcome.OK
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if type(o).__module__.startswith(("httpx", "httpcore"))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+        await sink.aclose()
+    assert len(intake.arrivals) == 3
+    assert left == []
 
 
 @pytest.mark.parametrize("token", [API_KEY, CLIENT_TOKEN])
