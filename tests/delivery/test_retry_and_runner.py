@@ -6,6 +6,7 @@ buffer under test are the real ones.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 
 import pytest
@@ -82,6 +83,29 @@ async def test_deliver_returns_first_non_retry_verdict() -> None:
 
     result = await deliver(attempt, RetryPolicy())
     assert result.reason == "http_400" and calls == 1
+
+
+@pytest.mark.parametrize("first", [OK, drop("http_400")])
+async def test_deliver_leaves_no_reference_cycle_when_the_first_attempt_settles(first: Verdict) -> None:
+    """No retry machinery is built when the first attempt settles: tenacity's retryer and call state refer to each
+    other, so each delivery would leave a cycle for the garbage collector instead of being freed at once."""
+
+    async def attempt() -> Verdict:
+        return first
+
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(3):
+            assert await deliver(attempt, RetryPolicy()) is first
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if type(o).__module__.startswith("tenacity")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
 
 
 async def test_deliver_is_cancelled_during_backoff(autojump_clock: trio.testing.MockClock) -> None:
