@@ -95,8 +95,8 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import accumulate
-from operator import attrgetter
+from itertools import accumulate, repeat
+from operator import add, attrgetter
 from pathlib import Path
 from typing import Final, cast
 
@@ -1120,8 +1120,7 @@ class Spool:
             return [(records, total)]
         # Cumulative record bytes (C-level loops), then each cut found by bisection: a run ends at the first record
         # that brings it to ``limit`` bytes or more.
-        overhead = RECORD_OVERHEAD_BYTES
-        totals = list(accumulate(length + overhead for length in map(len, map(_message, records))))
+        totals = list(accumulate(map(add, map(len, map(_message, records)), repeat(RECORD_OVERHEAD_BYTES))))
         groups: list[tuple[list[Record], int]] = []
         start = 0
         base = 0
