@@ -55,7 +55,6 @@ from urllib.parse import urlsplit
 import orjson
 import structlog
 import trio
-from botocore import exceptions as bce
 
 from forwarder.config import ConfigError, HttpSettings, Secret, parse_bool, parse_choice
 from forwarder.record import TRUNCATED, Level, Record, Tags
@@ -604,6 +603,8 @@ def classify(response: Mapping[str, Any] | None, error: BaseException | None, ev
         info = (response or {}).get("rejectedLogEventsInfo")
         return ok(rejected_counts(info, events)) if info else ok()
 
+    from botocore import exceptions as bce  # botocore is imported only once CloudWatch is used (~3 MiB RSS)
+
     if isinstance(error, bce.ClientError):
         err = error.response.get("Error", {})
         code = str(err.get("Code", ""))
@@ -780,6 +781,8 @@ class CloudWatchSink:
 
     def _put(self, payload: dict[str, Any]) -> tuple[Mapping[str, Any] | None, BaseException | None]:
         """Runs in a worker thread: put, create on ``ResourceNotFoundException``, put once more."""
+        from botocore import exceptions as bce
+
         try:
             client = self._get_client()
             try:
@@ -793,6 +796,8 @@ class CloudWatchSink:
             return None, exc
 
     def _create(self, client: CloudWatchLogsClient, group: str, stream: str) -> None:
+        from botocore import exceptions as bce
+
         try:
             client.create_log_group(logGroupName=group)
         except bce.ClientError as exc:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import math
 import uuid
 from collections import Counter, OrderedDict
@@ -57,9 +58,6 @@ import httpx
 import orjson
 import structlog
 import trio
-from sentry_sdk.consts import VERSION as SENTRY_SDK_VERSION
-from sentry_sdk.envelope import Envelope, Item, PayloadRef
-from sentry_sdk.utils import BadDsn, Dsn, json_dumps
 
 from forwarder import __version__
 from forwarder.config import ConfigError, HttpSettings, Secret
@@ -118,7 +116,7 @@ SDK_NAME: Final = "forwarder"
 SDK_INFO: Final[Mapping[str, Any]] = {
     "name": SDK_NAME,
     "version": __version__,
-    "packages": [{"name": "pypi:sentry-sdk", "version": SENTRY_SDK_VERSION}],
+    "packages": [{"name": "pypi:sentry-sdk", "version": importlib.metadata.version("sentry-sdk")}],
 }
 """The ``sdk`` envelope header and event field: https://develop.sentry.dev/sdk/foundations/transport/event-payloads/sdk/"""
 SENTRY_CLIENT: Final = f"{SDK_NAME}/{__version__}"
@@ -163,10 +161,14 @@ class SentryConfig:
 
     def endpoint(self) -> str:
         """The envelope endpoint, ``<scheme>://<host>[:port]/api/<project>/envelope/`` (no key in it)."""
+        from sentry_sdk.utils import Dsn
+
         return str(Dsn(self.dsn.reveal()).to_auth(SENTRY_CLIENT).get_api_url())
 
     def secret_values(self) -> list[str]:
         """The DSN and its keys, for scrubbing. Never log what this returns."""
+        from sentry_sdk.utils import Dsn
+
         parsed = Dsn(self.dsn.reveal())
         return [v for v in (self.dsn.reveal(), parsed.public_key, parsed.secret_key) if v]
 
@@ -184,6 +186,9 @@ def config_from_env(env: Mapping[str, str]) -> SentryConfig | None:
     raw = (env.get("SENTRY_DSN") or "").strip()
     if not raw:
         return None
+    # sentry-sdk is imported only once Sentry is configured (with botocore's, ~7 MiB of RSS nobody else needs).
+    from sentry_sdk.utils import BadDsn, Dsn
+
     try:
         Dsn(raw).to_auth(SENTRY_CLIENT).get_api_url()
     except (BadDsn, ValueError) as exc:  # ValueError: a bad port. Say what is wrong without echoing the value
@@ -273,8 +278,9 @@ def encode(records: Sequence[Record], trace_id: str) -> Encoded:
     return Encoded(events + logs)
 
 
-_LOG_ENVELOPE_HEADER: Final = json_dumps({"sdk": SDK_INFO}) + b"\n"
-"""The header line of every log envelope (serialised once, with sentry-sdk's own ``json_dumps``)."""
+_LOG_ENVELOPE_HEADER: Final = orjson.dumps({"sdk": SDK_INFO}) + b"\n"
+"""The header line of every log envelope (serialised once; the same bytes as sentry-sdk's ``json_dumps`` for this
+ASCII-only header, checked by the tests)."""
 
 
 def _log_batch(records: Sequence[Record], payload: bytes, count: int) -> Batch:
@@ -294,6 +300,8 @@ def _event_batch(record: Record, trace_id: str) -> Batch | None:
     event = build_event(record, trace_id)
     if event is None:
         return None
+    from sentry_sdk.envelope import Envelope, Item, PayloadRef
+
     item = Item(payload=PayloadRef(bytes=_dump_event(event)), type="event", content_type="application/json")
     raw = Envelope(headers={"event_id": event["event_id"], "sdk": SDK_INFO}, items=[item]).serialize()
     body = SentryEnvelope(gzip_bytes(raw), EVENT_CATEGORIES, event["event_id"], 1)
@@ -826,6 +834,8 @@ class SentrySink:
     def __init__(
         self, config: SentryConfig, http: HttpSettings, *, clock: Callable[[], float] = trio.current_time
     ) -> None:
+        from sentry_sdk.utils import Dsn
+
         auth = Dsn(config.dsn.reveal()).to_auth(SENTRY_CLIENT)
         self._url = str(auth.get_api_url())
         self._headers = {
