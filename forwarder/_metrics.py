@@ -64,13 +64,6 @@ METRICS: Final[tuple[tuple[str, str, str, str], ...]] = (
     ("forwarder_destination_healthy", "gauge", "destination", "1 if the destination passes /healthz, else 0."),
     ("forwarder_spool_bytes", "gauge", "", "Bytes held by the spool (on disk, or in memory with FORWARDER_BUFFER)."),
     ("forwarder_spool_chunks", "gauge", "", "Chunks held by the spool."),
-    ("forwarder_spool_chunks_written_total", "counter", "", "Chunks the durable spool wrote to disk."),
-    (
-        "forwarder_spool_chunks_skipped_total",
-        "counter",
-        "",
-        "Chunks the durable spool never wrote because every destination acknowledged them first (write-behind).",
-    ),
     (
         "forwarder_checkpoint_lag_bytes",
         "gauge",
@@ -209,9 +202,6 @@ class RuntimeCollector:
         yield GaugeMetricFamily(
             "forwarder_spool_chunks", _help("forwarder_spool_chunks"), buffer.stored_chunks() if buffer else 0
         )
-        for outcome in ("written", "skipped"):
-            name = f"forwarder_spool_chunks_{outcome}"
-            yield CounterMetricFamily(name, _help(f"{name}_total"), getattr(buffer, f"chunks_{outcome}", 0))
         lag = GaugeMetricFamily(
             "forwarder_checkpoint_lag_bytes", _help("forwarder_checkpoint_lag_bytes"), labels=["source"]
         )

@@ -23,7 +23,6 @@ import structlog
 import trio
 
 from forwarder import __version__
-from forwarder._malloc import limit_arenas
 from forwarder.config import Config, ConfigError
 from forwarder.delivery.buffer import Buffer, MemoryBuffer
 from forwarder.delivery.destination import DestinationRunner, DestinationStats, on_buffer_drop
@@ -84,10 +83,8 @@ def build_sinks(config: Config) -> list[Sink]:
     return sinks
 
 
-def open_buffer(config: Config, stats: dict[str, DestinationStats], *, write_behind: bool = False) -> Buffer:
-    """The durable spool (``FORWARDER_BUFFER=disk``, default) or the in-memory buffer. ``write_behind``: the input
-    is never read again (pipes), so the spool may skip writing chunks every destination acknowledged first (see
-    :mod:`forwarder.delivery.spool`)."""
+def open_buffer(config: Config, stats: dict[str, DestinationStats]) -> Buffer:
+    """The durable spool (``FORWARDER_BUFFER=disk``, default) or the in-memory buffer."""
     callback = on_buffer_drop(stats)
     if config.buffer == "memory":
         return MemoryBuffer(config.spool_max_bytes, on_drop=callback)
@@ -99,7 +96,6 @@ def open_buffer(config: Config, stats: dict[str, DestinationStats], *, write_beh
             max_bytes=config.spool_max_bytes,
             on_drop=callback,
             flush_interval_s=config.flush_interval_s,
-            write_behind=write_behind,
         )
     except SpoolLockedError:
         raise ConfigError(
@@ -115,13 +111,7 @@ def _endpoints(config: Config) -> list[str]:
     return out
 
 
-async def serve(
-    config: Config,
-    source: SourceFn,
-    mode: str = "run",
-    runtime: Runtime | None = None,
-    write_behind: bool | None = None,
-) -> int:
+async def serve(config: Config, source: SourceFn, mode: str = "run", runtime: Runtime | None = None) -> int:
     """Run the forwarder until ``source`` ends and the destinations are flushed; return ``source``'s exit status.
 
     Args:
@@ -129,8 +119,6 @@ async def serve(
         source: the input (child process, stdin, tailed files).
         mode: ``"run"`` or ``"tail"`` (for the startup line and metrics).
         runtime: pre-built runtime (tests); one is created otherwise.
-        write_behind: the source is never read again (pipes), so the spool may write behind (see
-            :func:`open_buffer`); ``None``: only in ``run`` mode (tailed files resume at their checkpoints).
     """
     rt = runtime or Runtime(config=config, mode=mode)
     sinks = build_sinks(config)
@@ -138,7 +126,7 @@ async def serve(
     for sink in sinks:
         rt.destinations[sink.name] = DestinationStats(sink.name)
     config.state_dir.mkdir(parents=True, exist_ok=True)
-    buffer = open_buffer(config, rt.destinations, write_behind=mode == "run" if write_behind is None else write_behind)
+    buffer = open_buffer(config, rt.destinations)
     rt.buffer = buffer
     buffer.register([s.name for s in sinks])
     _log.info(
@@ -171,7 +159,6 @@ async def serve(
     policy = RetryPolicy(max_s=config.retry_max_backoff_s)
     runners = [DestinationRunner(s, buffer, rt.destinations[s.name], policy) for s in sinks]
     if runtime is None:  # a process of our own (the CLI), not a test sharing its interpreter
-        limit_arenas()  # before the pipe readers and worker threads start
         tune_gc()
     exit_code = 0
     phase = _Phase()

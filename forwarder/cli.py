@@ -204,7 +204,7 @@ def _tail(config: Config, args: argparse.Namespace) -> int:
             await read_stdin(ingest, max_line_bytes=config.max_line_bytes)
             return 0
 
-        return trio.run(serve, config, stdin_source, "tail", None, True)  # a pipe: the spool may write behind
+        return trio.run(serve, config, stdin_source, "tail")
     from forwarder.sources.tail import make_tail_source
 
     return trio.run(serve, config, make_tail_source(config, paths, fmt=args.format, read_from=args.read_from), "tail")

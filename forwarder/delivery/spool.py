@@ -15,63 +15,43 @@ the delete (Debian's SQLite is built with ``SECURE_DELETE``): about 0.1 us of CP
 delete, serialisation aside, instead of about 0.85 (``bench/bench_spool.py --parts``). A chunk acknowledged within
 seconds is usually deleted before the kernel writes it to the disk at all.
 
-Appended records are staged in memory and cut into a chunk as soon as ``chunk_max_bytes`` of them are staged, or
-``flush_interval_s`` after the first of them was appended, whichever comes first. Then, in one of two modes:
-
-* *Write-through* (the default; tailed files): every chunk is written, in one transaction with the checkpoints of
-  the appends it completes, before it is handed to the destinations. A full cut takes everything staged, so that
-  every write ends at an append. A tailed file resumes at its checkpoint after a crash, so every record a
-  destination acknowledged must be covered by a durable checkpoint, or be in the spool, or it is sent twice.
-* *Write-behind* (``write_behind=True``; pipes, which are never read again): a chunk is handed out as soon as it
-  is cut, and written (by :meth:`Spool.run`, in the background) ``flush_interval_s`` after its first record was
-  appended, unless every destination has acknowledged it by then. When the destinations keep up, most chunks are
-  delivered everywhere within that interval and are never written (Fluent Bit's filesystem buffer and Vector's
-  disk buffer write every chunk first; a crash loses nothing more here, see invariant 3).
-
-A chunk that is written is serialised once (:func:`encode_chunk`: orjson, column by column, the
-:class:`~forwarder.record.Tags` once per chunk, level as int), compressed (zlib format, by ISA-L) when that pays
-(see :data:`COMPRESS_ABOVE_FRACTION`), written to its file, and its row inserted in one transaction.
+Appended records are staged in memory and persisted as one chunk ``flush_interval_s`` after the first of them was
+appended, or as soon as ``chunk_max_bytes`` of them are staged, whichever comes first (by :meth:`Spool.run`, in the
+background). A chunk is serialised once (:func:`encode_chunk`: orjson, column by column, the
+:class:`~forwarder.record.Tags` once per chunk, level as int), compressed (zlib format, by ISA-L) when that pays (see
+:data:`COMPRESS_ABOVE_FRACTION`), written to its file, and its row inserted in one transaction.
 
 Invariants:
 
-1. Order: chunk ids strictly increase (across restarts too: ``AUTOINCREMENT`` never reuses an id, and the next id
-   is also above every persisted cursor); every destination receives chunks in id order, and the records of a
-   chunk in the order they were appended.
+1. Order: chunk ids strictly increase (across restarts too: ``AUTOINCREMENT`` never reuses an id); every
+   destination receives chunks in id order, and the records of a chunk in the order they were appended.
 2. At-least-once: a destination's cursor moves only when it acknowledges a chunk (or when the chunk is discarded
    because the spool is full, which is counted); after a crash or restart each destination resumes after its
    persisted cursor, so a chunk that was not acknowledged is delivered again (duplicates are limited to the chunks
    that were in flight: handed out, not yet acknowledged).
-3. Persistence: every record is persisted at most ``flush_interval_s`` after it was appended (sooner when more
-   than :data:`UNWRITTEN_MAX_CHUNKS` chunks wait); write-through hands out persisted chunks only; write-behind may
-   instead skip a chunk every destination acknowledged first. Chunks are persisted in id order, so what a crash
-   leaves (stored chunks plus what was delivered) is a prefix of the stream, and what it loses is records appended
-   in the last ``flush_interval_s`` (with write-behind, only those not yet delivered everywhere). A cursor may
-   name a chunk that was never stored (skipped); reading resumes after it. A new destination starts at the newest
-   chunk.
+3. A cursor is never ahead of the last persisted chunk: :meth:`Spool.next_chunk` hands out persisted chunks only,
+   and a new destination starts at the last persisted chunk.
 4. A chunk is deleted only once every registered destination has acknowledged it, or when the spool is full.
-5. A checkpoint is never ahead of durable data: checkpoints passed to :meth:`Spool.append` are written in the same
-   transaction as the chunk that holds those records (or a later one), or, when every chunk holding them was
-   acknowledged by every destination and never written, in the transaction of the acknowledgement that completed
-   them (or a later one); never before, and never out of order.
+5. A checkpoint is never ahead of persisted data: checkpoints passed to :meth:`Spool.append` are written in the same
+   transaction as the chunk that holds those records (or a later one), never before.
 6. Bounded: the stored bytes (chunk data bytes plus :data:`CHUNK_ROW_OVERHEAD_BYTES` per chunk) stay within
    ``max_bytes`` (itself clamped to the free disk minus a margin at open), except that the newest chunk is always
-   kept. When a write would exceed it, the oldest chunks are deleted first (their own transaction, then their
+   kept. When a flush would exceed it, the oldest chunks are deleted first (their own transaction, then their
    files, so that the space is free before the new files are written) and every destination that had not been
-   handed them counts them as dropped (``spool_full``). Memory is bounded too: staging holds less than a chunk
-   (plus the append in progress); chunks not yet written hold at most :data:`UNWRITTEN_MAX_CHUNKS` x
-   ``chunk_max_bytes`` (``append`` waits for the disk beyond twice that); a cache keeps the newest written chunks
-   (at most :data:`CACHE_CHUNKS` x ``chunk_max_bytes``, and only for destinations that are reading: one busy with a
-   chunk for :data:`STALLED_AFTER_S` or more, e.g. down and retrying, pins nothing) so that destinations that keep
-   up never read the disk; a destination that lags reads one chunk at a time from disk, and a chunk read back is
-   shared with the other lagging destinations (at most :data:`SHARED_LOADS_CHUNKS` x ``chunk_max_bytes``, only
-   while a destination still reading has not had it).
+   handed them counts them as dropped (``spool_full``). Memory is bounded too: staging holds at
+   most :data:`STAGED_MAX_CHUNKS` x ``chunk_max_bytes`` (plus the append in progress); a cache keeps the newest
+   chunks (at most :data:`CACHE_CHUNKS` x ``chunk_max_bytes``, and only for destinations that are reading: one
+   busy with a chunk for :data:`STALLED_AFTER_S` or more, e.g. down and retrying, pins nothing) so that
+   destinations that keep up never read the disk; a destination that lags reads one chunk at a time from disk,
+   and a chunk read back is shared with the other lagging destinations (at most :data:`SHARED_LOADS_CHUNKS` x
+   ``chunk_max_bytes``, only while a destination still reading has not had it).
 7. Crash safety: every change to the index, the cursors and the checkpoints is one SQLite transaction; a chunk's
    file is complete before the transaction inserting its row commits, and is deleted only after the transaction
    deleting its row committed. A SIGKILL at any point therefore leaves a consistent spool: the WAL replays or
    discards the last transaction, every row has its complete file, and a file without a row (cut short by the
    crash, or whose row was just deleted) is deleted at the next open. The file is written in place, without a
    temporary name and a rename: no row refers to it before it is complete, so a rename would add nothing. A clean
-   :meth:`Spool.aclose` persists every chunk not acknowledged everywhere, and what is staged.
+   :meth:`Spool.aclose` persists everything staged.
 
 Durability choice: ``PRAGMA synchronous=NORMAL`` in WAL mode, and chunk files are not fsynced. A commit is then
 written to the WAL without an fsync (the WAL is synced at each checkpoint), so a *process* crash (SIGKILL, OOM kill)
@@ -82,11 +62,10 @@ reads back as unreadable and is counted as dropped (``spool_error``): nothing is
 fsync per file would cost a disk flush for every chunk and every acknowledgement, which a log sidecar does not
 justify.
 
-Discarded chunk that a destination holds in flight (handed out by :meth:`Spool.next_chunk`, not yet acknowledged;
-discarded because the spool is full, or because writing it failed): its records are in that destination's memory
-and it may still deliver them, so it is *not* counted as dropped when the chunk is discarded. If the destination
-acknowledges it, it was delivered (or the runner counted its drops); if the spool is closed before that, it is
-counted then (``spool_full`` or ``spool_error``). Nothing is counted twice or lost silently.
+Discarded chunk that a destination holds in flight (handed out by :meth:`Spool.next_chunk`, not yet acknowledged):
+its records are in that destination's memory and it may still deliver them, so it is *not* counted as dropped when
+the chunk is discarded. If the destination acknowledges it, it was delivered (or the runner counted its drops);
+if the spool is closed before that, it is counted as ``spool_full`` then. Nothing is counted twice or lost silently.
 
 Destinations: :meth:`Spool.register` keeps the cursors of known destinations, starts a new destination at the
 current end (it receives what is appended from then on, not the backlog), and releases the cursor of a destination
@@ -107,14 +86,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
-import math
 import os
 import shutil
 import sqlite3
 import threading
 import time
 from bisect import bisect_left
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, repeat
@@ -164,12 +142,10 @@ almost nothing (~0.05 us per record), while compressing and decompressing would 
 is enforced on the bytes actually stored either way."""
 CHUNK_ROW_OVERHEAD_BYTES: Final = 64
 """Counted per chunk on top of its data bytes (row, index and file overhead), so tiny chunks also fill the bound."""
-UNWRITTEN_MAX_CHUNKS: Final = 8
-"""Chunks cut but not yet written (write-behind, see invariant 3) are held in memory up to this many
-``chunk_max_bytes``; beyond it the oldest are written at once, before their ``flush_interval_s`` is up, and beyond
-twice that :meth:`Spool.append` waits for the disk (memory bound). They are the chunks the destinations are
-reading or sending, so they cost no memory the runners do not hold anyway. Without a running :meth:`Spool.run`,
-``append`` writes each full chunk itself."""
+STAGED_MAX_CHUNKS: Final = 2
+"""While :meth:`Spool.run` is running, full chunks are written in the background and :meth:`Spool.append` returns at
+once; it waits for the disk only when more than this many ``chunk_max_bytes`` are staged (memory bound). Without a
+running :meth:`Spool.run`, ``append`` writes each full chunk itself."""
 CACHE_CHUNKS: Final = 4
 """Newest chunks kept in memory after they were written, in units of ``chunk_max_bytes`` (record bytes; the Python
 objects take ~3-4x that); destinations that keep up, or lag by less than this, read them without touching the
@@ -393,13 +369,6 @@ def _is_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS
 
 
-def _upsert_checkpoints(conn: sqlite3.Connection, checkpoints: Mapping[str, str]) -> None:
-    conn.executemany(
-        "INSERT INTO checkpoints (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        list(checkpoints.items()),
-    )
-
-
 def _write_file(path: Path, head: bytes, data: bytes) -> None:
     """Write ``head + data`` to a new file at ``path`` (replacing an orphan of the same name), in one ``writev``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -590,7 +559,11 @@ class _Store:
                     [(c.id, now, len(c.records), size) for c, size in zip(chunks, sizes, strict=True)],
                 )
                 if checkpoints:
-                    _upsert_checkpoints(w, checkpoints)
+                    w.executemany(
+                        "INSERT INTO checkpoints (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        list(checkpoints.items()),
+                    )
                 w.execute("COMMIT")
             except BaseException:
                 _rollback(w)
@@ -638,17 +611,14 @@ class _Store:
             raise
         self._apply_freed(freed)
 
-    def ack(self, destination: str, acked: int, floor: int, checkpoints: Mapping[str, str] | None = None) -> None:
-        """Persist ``destination``'s cursor, delete the chunks every destination acknowledged (id <= floor), and
-        store ``checkpoints`` (of records acknowledged everywhere and never written), in one transaction."""
+    def ack(self, destination: str, acked: int, floor: int) -> None:
+        """Persist ``destination``'s cursor and delete the chunks every destination acknowledged (id <= floor)."""
         with self._wlock:
             w = self._w
             w.execute("BEGIN IMMEDIATE")
             try:
                 w.execute("UPDATE cursors SET acked_id = max(acked_id, ?) WHERE destination = ?", (acked, destination))
                 freed = self._delete_upto(floor)
-                if checkpoints:
-                    _upsert_checkpoints(w, checkpoints)
                 w.execute("COMMIT")
             except BaseException:
                 _rollback(w)
@@ -717,27 +687,12 @@ def _load_chunk(store: _Store, after: int) -> tuple[Chunk | None, int | None, in
 # --- the Buffer ------------------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Cut:
-    """An entry of the write-behind queue: a chunk cut from staging and not yet written nor acknowledged by every
-    destination, or (``chunk_id`` 0) checkpoints staged without records."""
-
-    chunk_id: int
-    checkpoints: dict[str, str]
-    """Checkpoints that become durable with this chunk (staged with its records, or with the records before)."""
-    due: float
-    """When it must be written at the latest (trio time, seconds): its first record's append +
-    ``flush_interval_s``."""
-
-
 class Spool:
     """The durable :class:`~forwarder.delivery.buffer.Buffer` (see the module docstring for its invariants).
 
     Create it with :meth:`open`. Attributes:
         directory: the spool directory.
         max_bytes: the effective byte bound (the requested one, clamped to the free disk at open).
-        chunks_written: chunks written to disk since open.
-        chunks_skipped: chunks never written because every destination acknowledged them first (write-behind).
     """
 
     def __init__(
@@ -751,50 +706,35 @@ class Spool:
         flush_interval_s: float,
         chunk_max_bytes: int,
         compress_level: int,
-        write_behind: bool,
     ) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
-        self.chunks_written = 0
-        self.chunks_skipped = 0
         self._store = store
         self._lock_fd: int | None = lock_fd
         self._on_drop = on_drop
         self._flush_interval_s = flush_interval_s
         self._chunk_max_bytes = chunk_max_bytes
         self._compress_level = compress_level
-        self._write_behind = write_behind
         self._cache_max_bytes = CACHE_CHUNKS * chunk_max_bytes
-        self._unwritten_max_bytes = UNWRITTEN_MAX_CHUNKS * chunk_max_bytes
 
         self._dests: list[str] = []
         self._acked: dict[str, int] = {}
         self._read: dict[str, int] = {}
         self._pending: dict[str, int] = {}
-        """Records in chunks (stored or not yet written) after the destination's cursor."""
+        """Records in stored chunks after the destination's cursor."""
         self._out: dict[str, dict[int, int]] = {}
         """Chunks handed out and not acknowledged (id -> records), per destination."""
-        self._lost: dict[str, dict[int, tuple[int, str]]] = {}
-        """Chunks discarded (spool full, write failed) while handed out to the destination and not yet
-        acknowledged: id -> (records, drop reason)."""
+        self._lost: dict[str, dict[int, int]] = {}
+        """Chunks discarded (spool full) while handed out to the destination and not yet acknowledged."""
 
         self._staged: list[Record] = []
         self._staged_bytes = 0
         self._staged_checkpoints: dict[str, str] = {}
         self._staged_since = 0.0
-        self._staged_marks: list[tuple[int, float, Mapping[str, str] | None]] = []
-        """One per staged append, in order: (index in ``_staged`` of its first record, its trio time, its
-        checkpoints). An append's checkpoints go with the chunk that holds its last record."""
-        self._queue: deque[_Cut] = deque()
-        """Write-behind queue, in id order: what was cut and is neither written nor acknowledged everywhere."""
-        self._unwritten: dict[int, Chunk] = {}
-        """Chunks cut and not on disk yet (nor acknowledged everywhere), by id: handed out from here."""
-        self._unwritten_bytes = 0
+        self._flushing = 0
+        self._flushing_bytes = 0
         self._next_id = store.last_id + 1
         self._last_id = store.last_id
-        """Newest chunk cut (handed out from then on)."""
-        self._stored_last = store.last_id
-        """Newest chunk written."""
         self._cache: dict[int, Chunk] = {}
         self._cache_bytes = 0
         self._loaded: dict[int, Chunk] = {}
@@ -808,11 +748,9 @@ class Spool:
         self._checkpoints = store.checkpoints()
 
         self._flush_lock = trio.Lock()
-        """Held while the write-behind queue is consumed and written (by :meth:`_persist`, and by :meth:`ack` when
-        it stores the checkpoints of chunks it completes): checkpoints reach the database in order."""
         self._changed = trio.Event()
         self._wakeup = trio.Event()
-        """Wakes :meth:`run`: records staged, too many chunks unwritten, or input closed."""
+        """Wakes :meth:`run`: records staged, a chunk full, or input closed."""
         self._running = False
         self._input_closed = False
         self._closed = False
@@ -827,7 +765,6 @@ class Spool:
         flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S,
         chunk_max_bytes: int = DEFAULT_CHUNK_MAX_BYTES,
         compress_level: int = DEFAULT_COMPRESS_LEVEL,
-        write_behind: bool = False,
     ) -> Spool:
         """Open (creating it if needed) the spool in ``directory``, resuming what a previous run left.
 
@@ -837,16 +774,10 @@ class Spool:
             max_bytes: bound on stored bytes; clamped to the free disk space (see :func:`effective_max_bytes`).
             on_drop: told ``(destination, records, reason)`` about records discarded before a destination
                 delivered them (``spool_full``, ``destination_removed``, ``spool_error``).
-            flush_interval_s: records are handed out at most this long after being appended, and persisted at
-                most this long after (unless every destination acknowledged them first), seconds.
+            flush_interval_s: staged records are persisted at most this long after being appended, seconds.
             chunk_max_bytes: a chunk is cut at this many record bytes (message + 64 per record).
             compress_level: compression level (zlib format, ISA-L levels 1-3) for chunk data when compression pays
                 (:data:`COMPRESS_ABOVE_FRACTION`), 0 for never.
-            write_behind: hand chunks out before writing them, and skip writing those every destination
-                acknowledged within ``flush_interval_s`` (invariant 3). Only for sources that are never read again
-                (pipes): a tailed file resumes at its checkpoint, and the records of a skipped chunk that no durable
-                checkpoint covers yet would be read and sent again. Without it, every chunk is written (with the
-                checkpoints of every append it completes) before it is handed out.
 
         Raises:
             SpoolLockedError: another process has the directory open.
@@ -879,16 +810,15 @@ class Spool:
             flush_interval_s=flush_interval_s,
             chunk_max_bytes=chunk_max_bytes,
             compress_level=compress_level,
-            write_behind=write_behind,
         )
 
     # -- Buffer protocol ----------------------------------------------------------------------------------------
 
     def register(self, destinations: Sequence[str]) -> None:
-        """Declare the enabled destinations. Known ones keep their persisted cursor; new ones start at the newest
-        chunk (they receive what is appended from now on); the cursors of destinations no longer listed are
-        deleted, their pending records counted as dropped (``destination_removed``), and chunks nobody needs any
-        more are deleted. Blocks briefly on the database (call it at startup, before the first append)."""
+        """Declare the enabled destinations. Known ones keep their persisted cursor; new ones start at the last
+        persisted chunk (they receive what is appended from now on); the cursors of destinations no longer listed
+        are deleted, their pending records counted as dropped (``destination_removed``), and chunks nobody needs
+        any more are deleted. Blocks briefly on the database (call it at startup)."""
         dests = list(dict.fromkeys(destinations))
         acked, pending, removed = self._store.register(dests, self._last_id)
         for dest, count in removed.items():
@@ -909,10 +839,10 @@ class Spool:
         self._dests = dests
 
     async def append(self, records: list[Record], checkpoints: Mapping[str, str] | None = None) -> None:
-        """Stage ``records`` and ``checkpoints`` (durable with these records, invariant 5). Every ``chunk_max_bytes``
-        of staged records are cut into a chunk and handed out at once; the rest within ``flush_interval_s``. Never
-        waits on a destination; waits for the disk only when more than twice :data:`UNWRITTEN_MAX_CHUNKS` chunks
-        are waiting to be written (or when a chunk is full and :meth:`run` is not running).
+        """Stage ``records`` (persisted within ``flush_interval_s``, at once when ``chunk_max_bytes`` are staged)
+        and ``checkpoints`` (persisted in the same transaction as these records). Never waits on a destination;
+        waits for the disk only when :data:`STAGED_MAX_CHUNKS` chunks are staged (or when a chunk is full and
+        :meth:`run` is not running).
 
         Raises:
             RuntimeError: after :meth:`close_input`.
@@ -921,55 +851,39 @@ class Spool:
             return
         if self._input_closed:
             raise RuntimeError("append after close_input")
-        now = trio.current_time()
         if not self._staged and not self._staged_checkpoints:
-            self._staged_since = now
+            self._staged_since = trio.current_time()
             self._wakeup.set()
-        self._staged_marks.append((len(self._staged), now, dict(checkpoints) if checkpoints else None))
         if checkpoints:
             self._staged_checkpoints.update(checkpoints)
-        if not records:
-            return
-        self._staged.extend(records)
-        self._staged_bytes += records_size(records)
-        if self._staged_bytes < self._chunk_max_bytes:
-            return
-        if not self._running:
-            await self.flush()
-            return
-        # Write-through cuts everything staged: every write then ends at an append, with that append's checkpoints.
-        self._cut(everything=not self._write_behind)
-        if self._unwritten_bytes > 2 * self._unwritten_max_bytes:
-            await self._persist(everything=False)
-        elif self._unwritten_bytes > self._unwritten_max_bytes:
-            self._wakeup.set()
+        if records:
+            self._staged.extend(records)
+            self._staged_bytes += records_size(records)
+            if self._staged_bytes >= self._chunk_max_bytes:
+                if self._running and self._staged_bytes <= STAGED_MAX_CHUNKS * self._chunk_max_bytes:
+                    self._wakeup.set()  # run() writes it while the caller goes on
+                else:
+                    await self.flush()
 
     def load_checkpoints(self) -> dict[str, str]:
         """The checkpoints persisted so far (with their records)."""
         return dict(self._checkpoints)
 
     async def run(self) -> None:
-        """Cut staged records ``flush_interval_s`` after the first of them was appended, and persist each chunk
-        ``flush_interval_s`` after its first record was appended unless every destination acknowledged it first
-        (sooner when more than :data:`UNWRITTEN_MAX_CHUNKS` are waiting); returns after :meth:`close_input`."""
+        """Persist staged records ``flush_interval_s`` after the first of them was appended, or as soon as a chunk
+        is full; returns after :meth:`close_input`."""
         self._running = True
-        interval = self._flush_interval_s
-        queue = self._queue
         try:
             while not self._input_closed:
-                now = trio.current_time()
-                staged = bool(self._staged or self._staged_checkpoints)
-                if staged and now >= self._staged_since + interval:
-                    self._cut(everything=True)
-                    staged = False
-                if queue and (queue[0].due <= now or self._unwritten_bytes > self._unwritten_max_bytes):
-                    await self._persist(everything=False)
-                    continue
-                deadline = self._staged_since + interval if staged else math.inf
-                if queue:
-                    deadline = min(deadline, queue[0].due)
-                with trio.move_on_at(deadline):
+                if not self._staged and not self._staged_checkpoints:
                     await self._wait_wakeup()
+                    continue
+                deadline = self._staged_since + self._flush_interval_s
+                if self._staged_bytes < self._chunk_max_bytes and trio.current_time() < deadline:
+                    with trio.move_on_at(deadline):
+                        await self._wait_wakeup()
+                    continue
+                await self.flush()
         finally:
             self._running = False
 
@@ -978,9 +892,9 @@ class Spool:
         self._wakeup = trio.Event()
 
     async def next_chunk(self, destination: str) -> Chunk | None:
-        """The next chunk after the last one handed to ``destination`` (from its cursor after a restart); waits
-        for one; ``None`` once the input is closed and every chunk was handed out. The newest chunks come from
-        memory, older ones are read from disk one at a time.
+        """The next persisted chunk after the last one handed to ``destination`` (from its cursor after a restart);
+        waits for one; ``None`` once the input is closed and every chunk was handed out. The newest chunks come
+        from memory, older ones are read from disk one at a time.
 
         Raises:
             KeyError: ``destination`` is not registered.
@@ -993,15 +907,17 @@ class Spool:
 
     async def wait_for_readers(self) -> None:
         """Wait while a destination that is not stalled lags more than
-        :data:`~forwarder.delivery.buffer.MAX_READ_LAG_CHUNKS` chunks behind the newest one (staged records count
-        as the chunks they will become; see :meth:`~forwarder.delivery.buffer.Buffer.wait_for_readers`); returns
-        at once after :meth:`close_input`."""
+        :data:`~forwarder.delivery.buffer.MAX_READ_LAG_CHUNKS` chunks behind the newest one (records staged or being
+        written count as the chunks they will become; see
+        :meth:`~forwarder.delivery.buffer.Buffer.wait_for_readers`); returns at once after :meth:`close_input`."""
         await self._pacer.wait_while(self._lagging)
 
     def _lagging(self) -> bool:
         if self._input_closed:
             return False
-        newest = self._next_id - 1 + -(-self._staged_bytes // self._chunk_max_bytes)
+        # Staged and in-flight records count as the chunks they will become.
+        unwritten = self._staged_bytes + self._flushing_bytes
+        newest = self._last_id + -(-unwritten // self._chunk_max_bytes)
         read = self._read
         return any(newest - read[d] > MAX_READ_LAG_CHUNKS for d in self._pacer.active(self._dests))
 
@@ -1011,14 +927,13 @@ class Spool:
                 return None
             after = self._read[destination]
             if after < self._last_id:
-                chunk = self._unwritten.get(after + 1) or self._cache.get(after + 1) or self._loaded.get(after + 1)
+                chunk = self._cache.get(after + 1) or self._loaded.get(after + 1)
                 if chunk is None:
                     loading = self._loading.get(after)
                     if loading is not None:  # another destination is reading this very chunk: share it
                         await loading.wait()
                         continue
-                    # Chunks not on disk yet are all newer than the newest written one (written in id order).
-                    last = self._stored_last
+                    last = self._last_id
                     self._loading[after] = done = trio.Event()
                     try:
                         chunk, cid, n = await trio.to_thread.run_sync(_load_chunk, self._store, after)
@@ -1036,7 +951,7 @@ class Spool:
                             pass
                         continue
                     if chunk is None:
-                        if cid is None:  # nothing stored after `after` although last says so: skip the gap
+                        if cid is None:  # nothing after `after` although last_id says so: skip the gap
                             self._read[destination] = max(after, last)
                             continue
                         self._read[destination] = cid
@@ -1048,14 +963,14 @@ class Spool:
                 self._prune_cache()
                 self._prune_loaded()
                 return chunk
-            if self._input_closed and not self._staged and self._last_id == self._next_id - 1:
-                return None  # every chunk cut was handed out (write-through: written, or discarded) to this reader
+            if self._input_closed and not self._staged and not self._flushing:
+                return None
             await self._changed.wait()
 
     async def ack(self, destination: str, chunk_id: int) -> None:
         """``destination`` is done with every chunk up to ``chunk_id`` (delivered or deliberately dropped); its
-        cursor is persisted, chunks every destination is done with are deleted (or, not written yet, never will
-        be). A ``chunk_id`` beyond the last chunk handed out is clamped to it.
+        cursor is persisted and chunks every destination is done with are deleted. A ``chunk_id`` beyond the last
+        chunk handed out is clamped to it.
 
         Raises:
             KeyError: ``destination`` is not registered.
@@ -1074,24 +989,13 @@ class Spool:
         self._pending[destination] -= sum(out.pop(c) for c in done)
         self._acked[destination] = target
         floor = min(self._acked.values())
-        self._release_unwritten(floor)
-        queue = self._queue
-        if not queue or queue[0].chunk_id > floor:
-            await trio.to_thread.run_sync(self._store.ack, destination, target, floor)
-            return
-        # Chunks acknowledged everywhere before they were written: their checkpoints are stored with this cursor.
-        async with self._flush_lock:
-            if self._closed:
-                raise RuntimeError("ack after aclose")
-            checkpoints = self._skip_acknowledged(floor)
-            await trio.to_thread.run_sync(self._store.ack, destination, target, floor, checkpoints)
-            self._checkpoints.update(checkpoints)
+        await trio.to_thread.run_sync(self._store.ack, destination, target, floor)
 
     def pending(self, destination: str) -> int:
         """Records appended but not yet acknowledged by ``destination`` (staged ones included); 0 if unknown."""
         if destination not in self._pending:
             return 0
-        return self._pending[destination] + len(self._staged)
+        return self._pending[destination] + len(self._staged) + self._flushing
 
     def stored_bytes(self) -> int:
         """Bytes of chunk data on disk (compressed), plus :data:`CHUNK_ROW_OVERHEAD_BYTES` per chunk."""
@@ -1102,8 +1006,7 @@ class Spool:
         return self._store.stored_chunks
 
     async def close_input(self) -> None:
-        """No more appends: hand out and persist what is staged, and persist every chunk not acknowledged
-        everywhere; readers get ``None`` after the last chunk."""
+        """No more appends: persist what is staged; readers get ``None`` after the last chunk."""
         if self._input_closed:
             return
         self._input_closed = True
@@ -1112,9 +1015,9 @@ class Spool:
         self._wake()
 
     async def aclose(self) -> None:
-        """Persist what is staged and every chunk not acknowledged everywhere (shielded from cancellation, so a
-        clean shutdown loses nothing appended), count discarded in-flight chunks never acknowledged, close the
-        database and release the directory lock. What was not acknowledged stays for the next start."""
+        """Persist what is staged (shielded from cancellation, so a clean shutdown loses nothing appended), count
+        discarded in-flight chunks never acknowledged, close the database and release the directory lock. What was
+        not acknowledged stays for the next start."""
         if self._closed:
             return
         with trio.CancelScope(shield=True):
@@ -1123,12 +1026,9 @@ class Spool:
                 self._closed = True
             self._wake()
             for dest, lost in self._lost.items():
-                counts: Counter[str] = Counter()
-                for n, reason in lost.values():
-                    counts[reason] += n
-                for reason, count in counts.items():
-                    if count:
-                        self._drop(dest, count, reason)
+                count = sum(lost.values())
+                if count:
+                    self._drop(dest, count, SPOOL_FULL)
                 lost.clear()
             await trio.to_thread.run_sync(self._store.close)
         if self._lock_fd is not None:
@@ -1138,159 +1038,44 @@ class Spool:
     # -- beyond the protocol ------------------------------------------------------------------------------------
 
     def held_bytes(self) -> int:
-        """Record bytes (:func:`~forwarder.delivery.buffer.records_size`) held in memory: staged, not yet written,
+        """Record bytes (:func:`~forwarder.delivery.buffer.records_size`) held in memory: staged, being written,
         and cached (chunks handed out to destinations are theirs)."""
-        return self._staged_bytes + self._unwritten_bytes + self._cache_bytes + self._loaded_bytes
+        return self._staged_bytes + self._flushing_bytes + self._cache_bytes + self._loaded_bytes
 
     @property
     def last_chunk_id(self) -> int:
-        """Id of the newest chunk (handed out to the destinations; written or not; 0 if none ever was)."""
+        """Id of the newest persisted chunk (0 if none ever was)."""
         return self._last_id
 
     async def flush(self) -> None:
-        """Cut what is staged and persist, now, every chunk not yet written that some destination has not
-        acknowledged, with the staged checkpoints (one transaction; several chunks if more than
+        """Persist the staged records and checkpoints now (one transaction; several chunks if more than
         ``chunk_max_bytes`` are staged). A write error is logged and the records are counted as dropped
-        (``spool_error``, or ``spool_full`` when the disk is full) for every destination that had not been handed
-        them (the others count them if they never acknowledge them); it is not raised."""
-        if not self._closed:
-            self._cut(everything=True)
-        await self._persist(everything=True)
-
-    # -- internals ----------------------------------------------------------------------------------------------
-
-    def _cut(self, everything: bool) -> None:
-        """Cut the staged records into chunks of ~``chunk_max_bytes`` and hand them out (queued for writing, due
-        ``flush_interval_s`` after their first record's append). Without ``everything`` a last, partial chunk
-        stays staged (with the staged checkpoints); with it, everything staged is cut, checkpoints included."""
-        records = self._staged
-        interval = self._flush_interval_s
-        if not records:
-            if everything and self._staged_checkpoints:
-                due = self._staged_since + interval if self._write_behind else -math.inf
-                self._queue.append(_Cut(0, self._staged_checkpoints, due))
-                self._staged_checkpoints = {}
-                self._staged_marks = []
-            return
-        groups = self._split(records, self._staged_bytes)
-        rest = 0
-        if not everything and groups[-1][1] < self._chunk_max_bytes:
-            rest = groups.pop()[1]
-        if not groups:
-            return
-        marks = self._staged_marks
-        unwritten = self._unwritten
-        queue = self._queue
-        k = 0  # the mark of the append that brought the current group's first record
-        start = 0
-        cut = 0
-        for group, size in groups:
-            while k + 1 < len(marks) and marks[k + 1][0] <= start:
-                k += 1
-            cid = self._next_id
-            self._next_id = cid + 1
-            unwritten[cid] = Chunk(cid, group, size)
-            queue.append(_Cut(cid, {}, marks[k][1] + interval if self._write_behind else -math.inf))
-            cut += size
-            start += len(group)
-        self._unwritten_bytes += cut
-        if self._write_behind:  # handed out now; otherwise once written (_applied)
-            self._last_id = self._next_id - 1
-        for dest in self._dests:
-            self._pending[dest] += start
-        if start == len(records):
-            queue[-1].checkpoints = self._staged_checkpoints
-            self._staged = []
-            self._staged_bytes = 0
-            self._staged_checkpoints = {}
-            self._staged_marks = []
-        else:
-            # The checkpoints of the appends whose records were all cut go with the last chunk cut; the others stay.
-            done: dict[str, str] = {}
-            i = 0
-            while i < len(marks):
-                end = marks[i + 1][0] if i + 1 < len(marks) else len(records)
-                if end > start:
-                    break
-                appended = marks[i][2]
-                if appended:
-                    done.update(appended)
-                i += 1
-            queue[-1].checkpoints = done
-            left = marks[i:]  # left[0] is the append of the first record left
-            self._staged = records[start:]
-            self._staged_bytes = rest
-            self._staged_since = left[0][1]
-            self._staged_marks = [(max(0, first - start), t, c) for first, t, c in left]
-            self._staged_checkpoints = {}
-            for _, _, c in left:
-                if c:
-                    self._staged_checkpoints.update(c)
-        self._wake()
-
-    def _floor(self) -> int:
-        """Newest chunk every destination has acknowledged (0 without destinations: then nothing is skipped)."""
-        return min(self._acked.values(), default=0)
-
-    def _release_unwritten(self, floor: int) -> None:
-        """Forget the chunks not written yet that every destination has acknowledged (up to ``floor``)."""
-        unwritten = self._unwritten
-        while unwritten:
-            oldest = next(iter(unwritten))
-            if oldest > floor:
-                return
-            self._unwritten_bytes -= unwritten.pop(oldest).size
-
-    def _skip_acknowledged(self, floor: int) -> dict[str, str]:
-        """Take the queue's leading entries that need no write (chunks acknowledged everywhere, up to ``floor``,
-        and checkpoint-only entries after them); returns their checkpoints, to be stored now."""
-        queue = self._queue
-        checkpoints: dict[str, str] = {}
-        while queue and queue[0].chunk_id <= floor:
-            entry = queue.popleft()
-            if entry.chunk_id:
-                self.chunks_skipped += 1
-                chunk = self._unwritten.pop(entry.chunk_id, None)
-                if chunk is not None:
-                    self._unwritten_bytes -= chunk.size
-            checkpoints.update(entry.checkpoints)
-        return checkpoints
-
-    async def _persist(self, everything: bool) -> None:
-        """Write the queue's chunks that are due (all of them with ``everything``, and the oldest beyond
-        :data:`UNWRITTEN_MAX_CHUNKS` either way), skipping those every destination acknowledged, with their
-        checkpoints, in one transaction."""
+        (``spool_error``, or ``spool_full`` when the disk is full) for every destination; it is not raised."""
         async with self._flush_lock:
-            if self._closed:
+            if self._closed or (not self._staged and not self._staged_checkpoints):
                 return
-            floor = self._floor()
-            checkpoints = self._skip_acknowledged(floor)
-            queue = self._queue
-            now = trio.current_time()
-            over = self._unwritten_bytes - self._unwritten_max_bytes
-            batch: list[Chunk] = []
-            while queue:
-                entry = queue[0]
-                if entry.chunk_id:
-                    if not everything and entry.due > now and over <= 0:
-                        break
-                    chunk = self._unwritten[entry.chunk_id]
-                    batch.append(chunk)
-                    over -= chunk.size
-                queue.popleft()
-                checkpoints.update(entry.checkpoints)
-            if not batch and not checkpoints:
-                return
-            result, reason = await self._write(batch, checkpoints)
+            records, self._staged = self._staged, []
+            checkpoints, self._staged_checkpoints = self._staged_checkpoints, {}
+            groups = self._split(records, self._staged_bytes)
+            self._flushing_bytes, self._staged_bytes = self._staged_bytes, 0
+            chunks = [Chunk(self._next_id + i, group, size) for i, (group, size) in enumerate(groups)]
+            self._next_id += len(chunks)
+            self._flushing = len(records)
+            try:
+                result, reason = await self._write(chunks, checkpoints)
+            finally:
+                self._flushing = self._flushing_bytes = 0
             if result.error is not None:
                 self._applied([], {}, result)  # chunks discarded to make room before the failure
-                self._discard([(c.id, len(c.records)) for c in batch], reason)
-                # As before write-behind: the checkpoints move past the records counted as dropped, with later ones.
-                self._staged_marks.insert(0, (0, trio.current_time(), checkpoints))
-                self._staged_checkpoints = {**checkpoints, **self._staged_checkpoints}
+                for dest in self._dests:
+                    self._drop(dest, len(records), reason)
+                for key, value in checkpoints.items():
+                    self._staged_checkpoints.setdefault(key, value)
             else:
-                self._applied(batch, checkpoints, result)
+                self._applied(chunks, checkpoints, result)
             self._wake()
+
+    # -- internals ----------------------------------------------------------------------------------------------
 
     async def _write(self, chunks: list[Chunk], checkpoints: dict[str, str]) -> tuple[_WriteResult, str]:
         """Run the write in a worker thread. Returns its result (with every chunk discarded to make room, also by a
@@ -1351,60 +1136,41 @@ class Spool:
         return groups
 
     def _applied(self, chunks: list[Chunk], checkpoints: dict[str, str], result: _WriteResult) -> None:
-        """Bring the in-memory state in line with a committed write of ``chunks``: they move from the unwritten
-        chunks to the cache (unless acknowledged everywhere meanwhile), and the chunks discarded to make room are
-        counted."""
+        """Bring the in-memory state in line with a committed write."""
         self._checkpoints.update(checkpoints)
         evicted_ids = {cid for cid, _ in result.evicted}
-        floor = self._floor()
-        unwritten = self._unwritten
         for chunk in chunks:
-            if chunk.id in evicted_ids:
-                continue
-            self.chunks_written += 1
-            self._stored_last = chunk.id
-            self._last_id = max(self._last_id, chunk.id)
-            if unwritten.pop(chunk.id, None) is not None:
-                self._unwritten_bytes -= chunk.size
-                if chunk.id > floor:
-                    self._cache_put(chunk)
-        if result.evicted:
-            self._evicted_applied = max(self._evicted_applied, result.evicted[-1][0])
-            self._discard(result.evicted, SPOOL_FULL)
-
-    def _discard(self, chunks: list[tuple[int, int]], reason: str) -> None:
-        """Forget ``chunks`` ((id, records), oldest first): deleted to make room, or never written (the write
-        failed). Each destination that had not acknowledged one counts its records as dropped with ``reason``, at
-        once if it had not been handed the chunk, else only if it never acknowledges it (see the module
-        docstring); every cursor moves past them."""
-        if not chunks:
+            n = len(chunk.records)
+            self._last_id = chunk.id
+            for dest in self._dests:
+                self._pending[dest] += n
+            if chunk.id not in evicted_ids:
+                self._cache_put(chunk)
+        if not result.evicted:
             return
-        last = chunks[-1][0]
-        self._last_id = max(self._last_id, last)
+        last = result.evicted[-1][0]
+        self._evicted_applied = max(self._evicted_applied, last)
         drops: Counter[str] = Counter()
-        for cid, n in chunks:
+        for cid, n in result.evicted:
             cached = self._cache.pop(cid, None)
             if cached is not None:
                 self._cache_bytes -= cached.size
             loaded = self._loaded.pop(cid, None)
             if loaded is not None:
                 self._loaded_bytes -= loaded.size
-            unwritten = self._unwritten.pop(cid, None)
-            if unwritten is not None:
-                self._unwritten_bytes -= unwritten.size
             for dest in self._dests:
                 if self._acked[dest] >= cid:
                     continue
                 self._pending[dest] -= n
                 if self._read[dest] >= cid:  # in flight: the destination may still deliver it
-                    self._lost[dest][cid] = (self._out[dest].pop(cid, n), reason)
+                    self._lost[dest][cid] = self._out[dest].pop(cid, n)
                 else:
                     drops[dest] += n
         for dest in self._dests:
             self._acked[dest] = max(self._acked[dest], last)
             self._read[dest] = max(self._read[dest], last)
         for dest, count in drops.items():
-            self._drop(dest, count, reason)
+            self._drop(dest, count, SPOOL_FULL)
 
     def _cache_put(self, chunk: Chunk) -> None:
         self._cache[chunk.id] = chunk

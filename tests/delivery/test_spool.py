@@ -258,8 +258,6 @@ async def test_large_append_is_cut_into_chunks(spool_dir: Path) -> None:
 async def test_run_persists_staged_records_after_the_interval(
     spool_dir: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """A few records (less than a chunk) are handed out ``flush_interval_s`` after they were appended, and
-    persisted then (the destination has not acknowledged them)."""
     spool = Spool.open(spool_dir, max_bytes=64 * MiB, flush_interval_s=0.25)
     try:
         spool.register(["a"])
@@ -271,60 +269,8 @@ async def test_run_persists_staged_records_after_the_interval(
             chunk = await spool.next_chunk("a")
             assert trio.current_time() - start >= 0.25
             assert chunk is not None and numbers(chunk.records) == list(range(5))
-            async with spool._flush_lock:  # the write run() started when it cut the chunk
-                pass
             assert db_rows(spool_dir, "SELECT count(*) FROM chunks") == [(1,)]
-            assert (spool.chunks_written, spool.chunks_skipped) == (1, 0)
             await spool.close_input()  # run() returns
-    finally:
-        await spool.aclose()
-
-
-async def test_chunk_acknowledged_everywhere_before_its_interval_is_never_written(
-    spool_dir: Path, mock_clock: trio.testing.MockClock
-) -> None:
-    """Write-behind: a full chunk is handed out at once; when every destination acknowledges it before
-    ``flush_interval_s`` is up it is never written, and its checkpoint is stored with the acknowledgement. A
-    chunk one destination has not acknowledged by then is written (and its checkpoint with it). (The clock moves
-    only when the test moves it.)"""
-    chunk_max = records_size(numbered(0, 100, pad=100))  # 100 of these records make a full chunk
-    spool = Spool.open(
-        spool_dir, max_bytes=64 * MiB, flush_interval_s=0.25, chunk_max_bytes=chunk_max, write_behind=True
-    )
-    try:
-        spool.register(["a", "b"])
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(spool.run)
-            await trio.testing.wait_all_tasks_blocked()  # run() is running
-            start = trio.current_time()
-            await spool.append(numbered(0, 100, pad=100), {"file": "100"})  # a full chunk: cut at once
-            first_a = await spool.next_chunk("a")
-            first_b = await spool.next_chunk("b")
-            assert trio.current_time() == start  # handed out before anything was written
-            assert first_a is not None and first_b is not None and first_a.id == first_b.id
-            assert numbers(first_a.records) == list(range(100))
-            await spool.ack("a", first_a.id)
-            await spool.ack("b", first_b.id)
-            assert spool.load_checkpoints() == {"file": "100"}
-            assert db_rows(spool_dir, "SELECT value FROM checkpoints") == [("100",)]
-            assert db_rows(spool_dir, "SELECT count(*) FROM chunks") == [(0,)]
-            assert spool.chunks_skipped == 1
-
-            await spool.append(numbered(100, 100, pad=100), {"file": "200"})
-            second = await spool.next_chunk("a")
-            assert second is not None
-            await spool.ack("a", second.id)  # "b" never acknowledges it
-            mock_clock.jump(0.25)  # its interval is up (time stands still otherwise): run() writes it
-            await trio.testing.wait_all_tasks_blocked()
-            async with spool._flush_lock:
-                pass
-            assert db_rows(spool_dir, "SELECT id FROM chunks") == [(second.id,)]
-            assert db_rows(spool_dir, "SELECT value FROM checkpoints") == [("200",)]
-            assert (spool.chunks_written, spool.chunks_skipped) == (1, 1)
-            assert spool.held_bytes() <= spool_module.CACHE_CHUNKS * chunk_max
-            await spool.close_input()
-        assert db_rows(spool_dir, "SELECT count(*) FROM chunks") == [(1,)]
-        assert spool.pending("b") == 100
     finally:
         await spool.aclose()
 
