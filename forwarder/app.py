@@ -23,6 +23,7 @@ import structlog
 import trio
 
 from forwarder import __version__
+from forwarder._malloc import limit_arenas
 from forwarder.config import Config, ConfigError
 from forwarder.delivery.buffer import Buffer, MemoryBuffer
 from forwarder.delivery.destination import DestinationRunner, DestinationStats, on_buffer_drop
@@ -159,6 +160,7 @@ async def serve(config: Config, source: SourceFn, mode: str = "run", runtime: Ru
     policy = RetryPolicy(max_s=config.retry_max_backoff_s)
     runners = [DestinationRunner(s, buffer, rt.destinations[s.name], policy) for s in sinks]
     if runtime is None:  # a process of our own (the CLI), not a test sharing its interpreter
+        limit_arenas()  # before the pipe readers and worker threads start
         tune_gc()
     exit_code = 0
     phase = _Phase()
