@@ -4,12 +4,12 @@ glibc gives each thread that allocates while another holds the main arena an are
 and keeps what is freed in each arena for reuse by that arena rather than returning it to the system. The
 forwarder's worker threads (spool writes, request encoding, SQLite, the pipe readers) each allocate chunk-sized
 buffers (~1 MiB of JSON, gzip output), so with the default the same bytes end up reserved once per arena.
-Measured: ``bench/run_all.py --only a`` peaked at 84-87 MiB with one arena against 88-89 MiB with glibc's default;
-in an experiment where worker threads allocated chunk buffers concurrently (a write-behind spool, not kept), the 2
-MiB spool-full test (``tests/e2e/test_delivery_e2e.py``) grew by 36-60 MiB with the default, 27-45 MiB with two
-arenas and 25-27 MiB with one. Throughput was the same within the run-to-run noise (~3-5%): nearly every
-allocation happens under the GIL, so a single arena costs no measurable lock contention, and threads keep glibc's
-lock-free per-thread cache for small blocks. This is what ``MALLOC_ARENA_MAX=1`` does; a
+Measured (``bench/run_all.py --only a``, back to back): peak RSS 79.5-79.9 MiB with one arena against 87.1-88.0
+MiB with glibc's default, for 4-5% fewer lines/s (within the run-to-run noise of ~5%, but in both pairs). In an
+experiment where worker threads allocated chunk buffers concurrently (a write-behind spool, not kept), the 2 MiB
+spool-full test (``tests/e2e/test_delivery_e2e.py``) grew by 36-60 MiB with the default, 27-45 MiB with two
+arenas and 25-27 MiB with one. Nearly every allocation happens under the GIL, and threads keep glibc's lock-free
+per-thread cache for small blocks. This is what ``MALLOC_ARENA_MAX=1`` does; a
 ``MALLOC_ARENA_MAX`` set in the environment is left to glibc.
 """
 
