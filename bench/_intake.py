@@ -17,7 +17,11 @@ fully instead (slower; used by the latency scenario, which needs each record's e
 Control (same port): ``GET /_stats`` -> JSON counters and this process's own CPU seconds (to show the intake is not
 the bottleneck); ``POST /_status/<code>`` makes every destination answer ``<code>`` (503 = outage, 200 = back).
 
-Run: ``python bench/_intake.py PORT_FILE [--parse]``; the bound port (OS-chosen) is written to PORT_FILE.
+``--delay-ms N`` holds every log request N milliseconds before it is counted and answered (each request in its own
+thread, so overlapping requests wait together): the round trip to a remote intake, for ``run_all.py --rtt-ms``.
+
+Run: ``python bench/_intake.py PORT_FILE [--parse] [--delay-ms N]``; the bound port (OS-chosen) is written to
+PORT_FILE.
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ LATENCY_MARK = re.compile(rb"sent_at=(\d+\.\d+)")
 
 
 class State:
-    def __init__(self, parse: bool) -> None:
+    def __init__(self, parse: bool, delay_s: float = 0.0) -> None:
         self.lock = threading.Lock()
+        self.delay_s = delay_s
         self.counts: dict[str, int] = {"datadog": 0, "newrelic": 0, "sentry": 0, "cloudwatch": 0}
         self.requests = 0
         self.rejected = 0
@@ -132,6 +137,9 @@ class Handler(BaseHTTPRequestHandler):
                 STATE.rejected += 1
             self._reply(STATE.status, b'{"error":"bench outage"}')
             return
+        if STATE.delay_s:
+            time.sleep(STATE.delay_s)  # the network round trip of a remote intake
+            now = time.time()
         body = _gunzip(raw) if self.headers.get("Content-Encoding") == "gzip" else raw
         if kind == "cloudwatch":
             op = (target or "").rsplit(".", 1)[-1]
@@ -170,7 +178,8 @@ class Handler(BaseHTTPRequestHandler):
 
 def main() -> None:
     global STATE
-    STATE = State(parse="--parse" in sys.argv)
+    delay_ms = float(sys.argv[sys.argv.index("--delay-ms") + 1]) if "--delay-ms" in sys.argv else 0.0
+    STATE = State(parse="--parse" in sys.argv, delay_s=delay_ms / 1000)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     tmp = Path(sys.argv[1] + ".tmp")

@@ -129,9 +129,11 @@ def _write(path: str, n: int) -> None:
 class Intake:
     """``bench/_intake.py`` in its own process."""
 
-    def __init__(self, workdir: Path, parse: bool = False) -> None:
+    def __init__(self, workdir: Path, parse: bool = False, delay_ms: float = 0.0) -> None:
         port_file = workdir / f"intake-port-{time.monotonic_ns()}"
         args = [PY, str(HERE / "_intake.py"), str(port_file)] + (["--parse"] if parse else [])
+        if delay_ms:
+            args += ["--delay-ms", str(delay_ms)]
         self.proc = subprocess.Popen(args)
         deadline = time.monotonic() + 10
         while not port_file.exists():
@@ -295,12 +297,14 @@ def _rates(res: dict[str, Any], lines: int, nbytes: int) -> dict[str, Any]:
 # --- scenarios ---------------------------------------------------------------------------------------------------
 
 
-def scenario_tail(work: Path, n: int, buffer: str, destinations: tuple[str, ...]) -> dict[str, Any]:
+def scenario_tail(
+    work: Path, n: int, buffer: str, destinations: tuple[str, ...], rtt_ms: float = 0.0
+) -> dict[str, Any]:
     data = work / f"input-{n}.log"
     if not data.exists():
         write_input(data, n)
     nbytes = data.stat().st_size
-    intake = Intake(work)
+    intake = Intake(work, delay_ms=rtt_ms)
     state = work / f"state-{'-'.join(destinations)}"
     shutil.rmtree(state, ignore_errors=True)
     try:
@@ -317,6 +321,7 @@ def scenario_tail(work: Path, n: int, buffer: str, destinations: tuple[str, ...]
         intake.close()
     res["destinations"] = list(destinations)
     res["buffer"] = buffer
+    res["rtt_ms"] = rtt_ms
     return _rates(res, n, nbytes)
 
 
@@ -465,6 +470,12 @@ def main() -> int:
     parser.add_argument("--only", default="a,b,c,d,e", help="comma-separated scenarios")
     parser.add_argument("--buffer", choices=("disk", "memory"), default="disk")
     parser.add_argument("--lines", type=int, default=None, help="lines for a/b/c (default 1,000,000; quick 200,000)")
+    parser.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=0.0,
+        help="(a), (b): the intake holds each request this long, as a remote intake's round trip would",
+    )
     parser.add_argument("--out", default=str(HERE / "results" / "latest.json"))
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -476,6 +487,8 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "loadavg_at_start": os.getloadavg(),
         "buffer": args.buffer,
+        "rtt_ms": args.rtt_ms,
+        "request_concurrency": os.environ.get("FORWARDER_REQUEST_CONCURRENCY", "default"),
         "scenarios": {},
     }
     targets = {
@@ -489,10 +502,10 @@ def main() -> int:
         work = Path(tmp)
         sc = results["scenarios"]
         if "a" in only:
-            sc["a"] = scenario_tail(work, n, args.buffer, ("datadog",))
+            sc["a"] = scenario_tail(work, n, args.buffer, ("datadog",), args.rtt_ms)
             _print_row("a", sc["a"])
         if "b" in only:
-            sc["b"] = scenario_tail(work, n, args.buffer, ("datadog", "newrelic", "sentry", "cloudwatch"))
+            sc["b"] = scenario_tail(work, n, args.buffer, ("datadog", "newrelic", "sentry", "cloudwatch"), args.rtt_ms)
             _print_row("b", sc["b"])
         if "c" in only:
             sc["c"] = scenario_run_child(work, n, args.buffer)

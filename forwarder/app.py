@@ -158,7 +158,10 @@ async def serve(config: Config, source: SourceFn, mode: str = "run", runtime: Ru
         observers=rt.observers,
     )
     policy = RetryPolicy(max_s=config.retry_max_backoff_s)
-    runners = [DestinationRunner(s, buffer, rt.destinations[s.name], policy) for s in sinks]
+    concurrency = config.http.concurrency
+    runners = [
+        DestinationRunner(s, buffer, rt.destinations[s.name], policy, concurrency=concurrency) for s in sinks
+    ]
     if runtime is None:  # a process of our own (the CLI), not a test sharing its interpreter
         limit_arenas()  # before the pipe readers and worker threads start
         tune_gc()

@@ -30,6 +30,10 @@ DEFAULT_MULTILINE_TIMEOUT_S: Final = 0.2
 DEFAULT_FLUSH_INTERVAL_S: Final = 0.2
 DEFAULT_SPOOL_MAX_BYTES: Final = 1024**3
 DEFAULT_RETRY_MAX_BACKOFF_S: Final = 30.0
+DEFAULT_REQUEST_CONCURRENCY: Final = 4
+MAX_REQUEST_CONCURRENCY: Final = 32
+"""Upper bound of ``FORWARDER_REQUEST_CONCURRENCY``: CloudWatch requests each hold a worker thread while in flight, and
+trio runs at most 40 worker threads at once (its default thread limiter), shared with the spool and the encoders."""
 DEFAULT_HTTP_ADDR: Final = "127.0.0.1:9880"
 DEFAULT_HEALTH_GRACE_S: Final = 60.0
 SYSTEM_STATE_DIR: Final = Path("/var/lib/forwarder")
@@ -50,6 +54,7 @@ CORE_VARIABLES: Final = (
     "FORWARDER_BUFFER",
     "FORWARDER_SPOOL_MAX_BYTES",
     "FORWARDER_RETRY_MAX_BACKOFF",
+    "FORWARDER_REQUEST_CONCURRENCY",
     "FORWARDER_FILE_SINK",
     "FORWARDER_LOG_LEVEL",
     "FORWARDER_REDACT",
@@ -106,10 +111,13 @@ class HttpSettings:
     Attributes:
         ca_file: a PEM bundle to trust instead of the system/certifi store (``SSL_CERT_FILE``), or ``None``.
         timeout_s: connect/read/write/pool timeout for every request, seconds.
+        concurrency: requests one destination may have in flight at once (``FORWARDER_REQUEST_CONCURRENCY``), and
+            the size of its connection pool.
     """
 
     ca_file: str | None = None
     timeout_s: float = 10.0
+    concurrency: int = DEFAULT_REQUEST_CONCURRENCY
 
 
 @dataclass(frozen=True)
@@ -203,6 +211,24 @@ def parse_size(env: Mapping[str, str], name: str, default: int, *, minimum: int 
     value = int(match.group(1)) * _SIZE_UNITS[unit]
     if value < minimum:
         raise ConfigError(name, f"{raw!r} is too small; expected at least {minimum} bytes")
+    return value
+
+
+def parse_int(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int) -> int:
+    """Read a whole number from ``minimum`` to ``maximum`` (inclusive) from ``env[name]``.
+
+    Raises:
+        ConfigError: not a whole number, or out of range.
+    """
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"{raw!r} is not a whole number; expected {minimum} to {maximum}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(name, f"{raw!r} is out of range; expected {minimum} to {maximum}")
     return value
 
 
@@ -369,7 +395,16 @@ def load(
             merged, "FORWARDER_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), "INFO"
         ),
         redact_patterns=_parse_redact(merged),
-        http=HttpSettings(ca_file=ca_file),
+        http=HttpSettings(
+            ca_file=ca_file,
+            concurrency=parse_int(
+                merged,
+                "FORWARDER_REQUEST_CONCURRENCY",
+                DEFAULT_REQUEST_CONCURRENCY,
+                minimum=1,
+                maximum=MAX_REQUEST_CONCURRENCY,
+            ),
+        ),
         sinks=sinks,
     )
 

@@ -34,13 +34,13 @@ def httpserver_ssl_context(ca: trustme.CA) -> ssl.SSLContext:
 
 
 @pytest.fixture
-def https_servers(httpserver_ssl_context: ssl.SSLContext) -> Iterator[Callable[[], HTTPServer]]:
+def https_servers(httpserver_ssl_context: ssl.SSLContext) -> Iterator[Callable[..., HTTPServer]]:
     """Starts HTTPS intake emulators on ports chosen by the OS (trusted through :func:`ca_file`); stops them, and
-    closes their listening sockets, after the test."""
+    closes their listening sockets, after the test. ``make(threaded=True)`` answers requests concurrently."""
     servers: list[HTTPServer] = []
 
-    def make() -> HTTPServer:
-        server = HTTPServer(host="127.0.0.1", port=0, ssl_context=httpserver_ssl_context)
+    def make(threaded: bool = False) -> HTTPServer:
+        server = HTTPServer(host="127.0.0.1", port=0, ssl_context=httpserver_ssl_context, threaded=threaded)
         server.start()
         servers.append(server)
         return server

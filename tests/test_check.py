@@ -148,6 +148,7 @@ class _ScriptedSink:
     """A sink whose encode/send outcomes are given: for the verdict-to-line mapping of :func:`send_test`."""
 
     name = "scripted"
+    ordered = False
 
     def __init__(self, verdict: Verdict | None = None, encode_drops: dict[str, int] | None = None) -> None:
         self.verdict, self.encode_drops, self.closed = verdict, encode_drops or {}, False

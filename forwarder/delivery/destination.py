@@ -6,6 +6,13 @@ The next chunk is read and encoded while the batches of the previous one are in 
 the network wait and the encoding overlap); at most two chunks per destination are in memory at a time (plus their
 encoded batches), so memory stays bounded whatever the destinations do. Chunks are still sent and acknowledged
 strictly in order.
+
+Within a chunk, up to ``concurrency`` batches are in flight at once (``FORWARDER_REQUEST_CONCURRENCY``, like
+Fluent Bit's ``workers`` and Vector's ``request.concurrency``): over a real network a request waits tens of
+milliseconds for its answer, and one at a time would cap a destination at a batch per round trip. Each batch has its
+own retry loop; the chunk is acknowledged once every one of its batches is delivered or dropped, so a crash still
+sends again at most the chunk in flight. A sink that must receive batches in order (:attr:`Sink.ordered
+<forwarder.sinks._protocol.Sink.ordered>`, the file) gets one at a time.
 """
 
 from __future__ import annotations
@@ -73,13 +80,17 @@ class DestinationRunner:
         buffer: where records come from.
         stats: counters this runner updates.
         policy: retry backoff bounds.
+        concurrency: batches of a chunk in flight at once (at least 1); 1 for an ordered sink whatever is asked.
     """
 
-    def __init__(self, sink: Sink, buffer: Buffer, stats: DestinationStats, policy: RetryPolicy) -> None:
+    def __init__(
+        self, sink: Sink, buffer: Buffer, stats: DestinationStats, policy: RetryPolicy, *, concurrency: int = 1
+    ) -> None:
         self.sink = sink
         self.buffer = buffer
         self.stats = stats
         self.policy = policy
+        self.concurrency = 1 if sink.ordered else max(1, concurrency)
         self._log = _log.bind(destination=sink.name)
 
     async def run(self) -> None:
@@ -117,8 +128,24 @@ class DestinationRunner:
     async def _deliver_encoded(self, encoded: Encoded) -> None:
         for reason, count in encoded.dropped.items():
             self._count_drop(reason, count)
-        for batch in encoded.batches:
+        batches = encoded.batches
+        if self.concurrency == 1 or len(batches) == 1:
+            for batch in batches:
+                await self._deliver_batch(batch)
+            return
+        # A window of `concurrency` batches: the next one starts as soon as one settles. A limiter of its own per
+        # call: the halves of a SPLIT batch are delivered by a nested call while the batch holds its slot.
+        slots = trio.Semaphore(self.concurrency)
+        async with trio.open_nursery() as nursery:
+            for batch in batches:
+                await slots.acquire()
+                nursery.start_soon(self._deliver_in_slot, batch, slots)
+
+    async def _deliver_in_slot(self, batch: Batch, slots: trio.Semaphore) -> None:
+        try:
             await self._deliver_batch(batch)
+        finally:
+            slots.release()
 
     async def _deliver_batch(self, batch: Batch) -> None:
         verdict = await deliver(lambda: self._attempt(batch), self.policy, on_retry=self._on_retry)

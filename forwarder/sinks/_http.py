@@ -27,9 +27,11 @@ for the same ratio (~9x on agent logs)."""
 USER_AGENT: Final = "forwarder/0.1"
 
 
-def make_client(http: HttpSettings, *, max_connections: int = 4) -> httpx.AsyncClient:
-    """An ``httpx.AsyncClient`` with keep-alive, ``http.timeout_s`` on connect/read/write/pool, and TLS verified
-    against ``http.ca_file`` when set (else certifi's bundle). Works under trio."""
+def make_client(http: HttpSettings) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` with keep-alive (a pool of ``http.concurrency`` connections: one per request the
+    destination may have in flight), ``http.timeout_s`` on connect/read/write/pool, and TLS verified against
+    ``http.ca_file`` when set (else certifi's bundle). Works under trio."""
+    max_connections = http.concurrency
     context = ssl.create_default_context(cafile=http.ca_file) if http.ca_file else True
     return httpx.AsyncClient(
         verify=context,

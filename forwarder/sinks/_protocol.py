@@ -111,6 +111,11 @@ class Sink(Protocol):
     name: str
     """Short stable name (``"datadog"``...): metric label, cursor name, log field."""
 
+    ordered: bool
+    """``True``: batches must be sent one at a time, in order (the NDJSON file). ``False``: the runner may have up to
+    ``FORWARDER_REQUEST_CONCURRENCY`` batches of a chunk in flight at once, so ``send`` must allow overlapping
+    calls, and batches may arrive out of order (every record carries its own timestamp)."""
+
     def encode(self, records: Sequence[Record]) -> Encoded:
         """Cut ``records`` (in order) into batches within the destination's limits. Pure, thread-safe."""
         ...

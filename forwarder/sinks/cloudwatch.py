@@ -99,6 +99,8 @@ MAX_NAME_CHARS: Final = 512
 
 NAME: Final = "cloudwatch"
 DEFAULT_REGION: Final = "us-west-2"
+BOTOCORE_POOL_CONNECTIONS: Final = 10
+"""botocore's default ``max_pool_connections``; raised to ``FORWARDER_REQUEST_CONCURRENCY`` when that is larger."""
 DEFAULT_LOG_GROUP: Final = "/forwarder/{source}"
 DEFAULT_LOG_STREAM: Final = "{host}/{source}"
 NAME_FIELDS: Final = ("host", "source", "service")
@@ -719,6 +721,8 @@ class CloudWatchSink:
     """
 
     name = NAME
+    ordered = False
+    """PutLogEvents needs no sequence token since 2023: puts to one stream may overlap, in any order."""
 
     def __init__(self, config: CloudWatchConfig, http: HttpSettings, *, clock: Callable[[], float] = time.time):
         self.config = config
@@ -771,6 +775,7 @@ class CloudWatchSink:
                     config=Config(
                         retries={"total_max_attempts": 1, "mode": "standard"},
                         connect_timeout=self._http.timeout_s,
+                        max_pool_connections=max(BOTOCORE_POOL_CONNECTIONS, self._http.concurrency),
                         read_timeout=self._http.timeout_s,
                         parameter_validation=False,  # encode_events already enforces every limit
                         user_agent_extra="forwarder/0.1",

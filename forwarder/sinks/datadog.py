@@ -696,6 +696,8 @@ class DatadogSink:
     """
 
     name = "datadog"
+    ordered = False
+    """Batches are independent (each record carries its timestamp): several may be in flight at once."""
 
     def __init__(self, config: DatadogConfig, http: HttpSettings) -> None:
         self._config = config

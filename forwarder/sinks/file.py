@@ -32,6 +32,8 @@ class FileSink:
     """Appends NDJSON lines to ``path``; the parent directory is created on the first send."""
 
     name = "file"
+    ordered = True
+    """Batches are appended one at a time, in order: the file keeps the order of the records."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -748,6 +748,8 @@ class NewRelicSink:
     """
 
     name = "newrelic"
+    ordered = False
+    """Batches are independent (each record carries its timestamp): several may be in flight at once."""
 
     def __init__(self, config: NewRelicConfig, http: HttpSettings) -> None:
         self._url = config.url

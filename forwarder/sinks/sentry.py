@@ -830,6 +830,8 @@ class SentrySink:
     """
 
     name = "sentry"
+    ordered = False
+    """Batches are independent (each record carries its timestamp): several may be in flight at once."""
 
     def __init__(
         self, config: SentryConfig, http: HttpSettings, *, clock: Callable[[], float] = trio.current_time

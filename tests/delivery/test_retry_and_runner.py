@@ -29,6 +29,7 @@ class ScriptedSink:
     """Answers each send with the next scripted verdict (then OK), recording what it received."""
 
     name = "scripted"
+    ordered = False
 
     def __init__(self, script: Sequence[Verdict] = (), max_per_batch: int = 1000, too_large: int | None = None):
         self.script = list(script)
@@ -213,4 +214,67 @@ async def test_runner_encodes_the_next_chunk_while_one_is_in_flight_and_acks_in_
     assert [e for e in sink.events if e.startswith("send")] == ["send line 0", "send line 10", "send line 20"]
     assert [e for e in sink.events if e.startswith("encode")] == ["encode line 0", "encode line 10", "encode line 20"]
     assert [m for batch in sink.received for m in batch] == [f"line {i}" for i in range(30)]
+    assert buffer.pending(sink.name) == 0
+
+
+class OverlapSink(ScriptedSink):
+    """Counts the sends in progress at once; each send waits for ``release`` (or passes when it is set)."""
+
+    def __init__(self, script: Sequence[Verdict] = (), *, ordered: bool = False) -> None:
+        super().__init__(script, max_per_batch=10)
+        self.ordered = ordered
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.release = trio.Event()
+
+    async def send(self, batch: Batch) -> Verdict:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self.release.wait()
+            return await super().send(batch)
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.mark.parametrize(("ordered", "expected"), [(False, 3), (True, 1)])
+async def test_runner_keeps_up_to_concurrency_batches_of_a_chunk_in_flight(ordered: bool, expected: int) -> None:
+    """Five batches in one chunk, concurrency 3: three are sent at once (one at a time for an ordered sink, the
+    file); the chunk is acknowledged only once all five are delivered."""
+    buffer = MemoryBuffer(10**9)
+    sink = OverlapSink(ordered=ordered)
+    buffer.register([sink.name])
+    await buffer.append(records(50))
+    await buffer.close_input()
+    stats = DestinationStats(sink.name)
+    runner = DestinationRunner(sink, buffer, stats, RetryPolicy(), concurrency=3)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sink.in_flight == expected
+        assert buffer.pending(sink.name) == 50  # nothing acknowledged while batches are in flight
+        sink.release.set()
+    assert sink.max_in_flight == expected
+    assert sorted(m for batch in sink.received for m in batch) == sorted(f"line {i}" for i in range(50))
+    assert stats.delivered == 50 and stats.batches == 5
+    assert buffer.pending(sink.name) == 0
+
+
+async def test_a_retrying_batch_holds_its_slot_while_the_others_are_delivered(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The first batch is answered 503 and backs off; meanwhile the other batches of the chunk go out through the
+    remaining slot. The chunk is acknowledged after the retried batch is delivered, and nothing arrives twice."""
+    buffer = MemoryBuffer(10**9)
+    sink = OverlapSink([retry("http_503")])
+    sink.release.set()
+    buffer.register([sink.name])
+    await buffer.append(records(40))
+    await buffer.close_input()
+    stats = DestinationStats(sink.name)
+    await DestinationRunner(sink, buffer, stats, RetryPolicy(initial_s=5, max_s=5), concurrency=2).run()
+    firsts = [batch[0] for batch in sink.received]
+    assert firsts == ["line 10", "line 20", "line 30", "line 0"]
+    assert stats.retries == 1 and stats.delivered == 40
+    assert sorted(m for batch in sink.received for m in batch) == sorted(f"line {i}" for i in range(40))
     assert buffer.pending(sink.name) == 0

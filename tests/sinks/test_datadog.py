@@ -840,3 +840,43 @@ async def test_sink_satisfies_the_protocol(ca_file: Path) -> None:
         assert sink.name == config.name == "datadog"
     finally:
         await sink.aclose()
+
+
+async def test_batches_of_a_chunk_are_in_flight_at_once_up_to_the_request_concurrency(
+    https_servers: Callable[..., HTTPServer], ca_file: Path
+) -> None:
+    """``FORWARDER_REQUEST_CONCURRENCY=3`` and a chunk of 5 full batches: the intake (answering concurrently) sees
+    three requests open at once, each on its own connection from the sink's pool, and never more; every record
+    arrives once."""
+    server = https_servers(threaded=True)
+    lock = threading.Condition()
+    open_now = 0
+    most = 0
+    received: list[str] = []
+
+    def handle(request: Request) -> Response:
+        nonlocal open_now, most
+        with lock:
+            open_now += 1
+            most = max(most, open_now)
+            lock.notify_all()
+            lock.wait_for(lambda: most >= 3, timeout=5)  # hold each request until 3 are open
+            received.extend(obj["message"] for obj in json.loads(gzip.decompress(request.get_data())))
+            open_now -= 1
+        return Response("{}", status=202)
+
+    server.expect_request(INTAKE_PATH, method="POST").respond_with_handler(handle)
+    config = datadog.config_from_env({"DATADOG_TOKEN": API_KEY, "FORWARDER_DATADOG_URL": server.url_for("/")})
+    assert config is not None
+    sink = config.build(HttpSettings(ca_file=str(ca_file), concurrency=3))
+    stats = DestinationStats("datadog")
+    runner = DestinationRunner(sink, MemoryBuffer(10**9), stats, RetryPolicy(0.001, 0.001), concurrency=3)
+    count = 5 * datadog.MAX_ENTRIES
+    try:
+        with trio.fail_after(30):
+            await runner.deliver_records([rec(f"m{i}") for i in range(count)])
+    finally:
+        await sink.aclose()
+    assert most == 3
+    assert stats.batches == 5 and stats.delivered == count
+    assert sorted(received) == sorted(f"m{i}" for i in range(count))
