@@ -3,16 +3,17 @@ retry loop, count every outcome, and acknowledge each chunk once all its records
 
 One runner per destination, each in its own task: a dead or hanging destination holds back only its own cursor.
 The next chunk is read and encoded while the batches of the previous one are in flight (a two-stage pipeline, so
-the network wait and the encoding overlap); at most two chunks per destination are in memory at a time (plus their
-encoded batches), so memory stays bounded whatever the destinations do. Chunks are still sent and acknowledged
-strictly in order.
+the network wait and the encoding overlap). Chunks are acknowledged strictly in order.
 
-Within a chunk, up to ``concurrency`` batches are in flight at once (``FORWARDER_REQUEST_CONCURRENCY``, like
-Fluent Bit's ``workers`` and Vector's ``request.concurrency``): over a real network a request waits tens of
-milliseconds for its answer, and one at a time would cap a destination at a batch per round trip. Each batch has its
-own retry loop; the chunk is acknowledged once every one of its batches is delivered or dropped, so a crash still
-sends again at most the chunk in flight. A sink that must receive batches in order (:attr:`Sink.ordered
-<forwarder.sinks._protocol.Sink.ordered>`, the file) gets one at a time.
+Up to ``concurrency`` batches are in flight at once (``FORWARDER_REQUEST_CONCURRENCY``, like Fluent Bit's
+``workers`` and Vector's ``request.concurrency``): over a real network a request waits tens of milliseconds for its
+answer, and one at a time would cap a destination at one batch per round trip. The window spans at most
+:data:`MAX_CHUNKS_IN_FLIGHT` chunks (the next chunk's batches start while the last ones of the previous chunk are
+still out, which matters for destinations whose batches are about a chunk each: New Relic, CloudWatch), so at most
+that many chunks plus one encoded chunk waiting are in memory per destination, whatever the destinations do. Each
+batch has its own retry loop; a chunk is acknowledged once every one of its batches is delivered or dropped and
+every earlier chunk is acknowledged, so a crash sends again at most the chunks in flight. A sink that must receive
+batches in order (:attr:`Sink.ordered <forwarder.sinks._protocol.Sink.ordered>`, the file) gets one at a time.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from forwarder.sinks._protocol import Batch, Encoded, Outcome, Sink, Verdict, re
 _log = structlog.get_logger("forwarder")
 
 TOO_LARGE = "too_large"
+MAX_CHUNKS_IN_FLIGHT = 2
+"""Chunks whose batches may be in flight at once for one destination (with ``concurrency`` > 1)."""
 ENCODE_IN_THREAD_MIN_RECORDS = 256
 """Chunks at least this large are encoded in a worker thread (gzip releases the GIL; the event loop stays free)."""
 
@@ -97,14 +100,60 @@ class DestinationRunner:
         """Deliver chunks until the buffer's input is closed and drained. Cancel to stop (what is not
         acknowledged stays in the buffer)."""
         name = self.sink.name
-        # Unbuffered: the preparing task holds at most one encoded chunk while the previous one is being sent.
+        # Unbuffered: the preparing task holds at most one encoded chunk while earlier ones are being sent.
         send, receive = trio.open_memory_channel[tuple[Chunk, Encoded]](0)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._prepare, send)
             async with receive:
+                if self.concurrency == 1:
+                    async for chunk, encoded in receive:
+                        await self._deliver_encoded(encoded)
+                        await self.buffer.ack(name, chunk.id)
+                else:
+                    await self._run_window(receive)
+
+    async def _run_window(self, receive: trio.MemoryReceiveChannel[tuple[Chunk, Encoded]]) -> None:
+        """:meth:`run` with up to ``concurrency`` batches of up to :data:`MAX_CHUNKS_IN_FLIGHT` chunks in flight;
+        one task acknowledges the chunks in order, each once all its batches settled."""
+        slots = trio.Semaphore(self.concurrency)
+        chunk_slots = trio.Semaphore(MAX_CHUNKS_IN_FLIGHT)
+        settled_send, settled_receive = trio.open_memory_channel[tuple[int, trio.Event]](MAX_CHUNKS_IN_FLIGHT)
+        async with trio.open_nursery() as senders:
+            senders.start_soon(self._ack_in_order, settled_receive, chunk_slots)
+            async with settled_send:
                 async for chunk, encoded in receive:
-                    await self._deliver_encoded(encoded)
-                    await self.buffer.ack(name, chunk.id)
+                    await chunk_slots.acquire()
+                    for reason, count in encoded.dropped.items():
+                        self._count_drop(reason, count)
+                    settled = trio.Event()
+                    left = [len(encoded.batches)]
+                    if not encoded.batches:
+                        settled.set()
+                    await settled_send.send((chunk.id, settled))
+                    for batch in encoded.batches:
+                        await slots.acquire()
+                        senders.start_soon(self._deliver_in_window, batch, slots, left, settled)
+
+    async def _deliver_in_window(
+        self, batch: Batch, slots: trio.Semaphore, left: list[int], settled: trio.Event
+    ) -> None:
+        try:
+            await self._deliver_batch(batch)
+        finally:
+            slots.release()
+        left[0] -= 1
+        if not left[0]:
+            settled.set()
+
+    async def _ack_in_order(
+        self, settled: trio.MemoryReceiveChannel[tuple[int, trio.Event]], chunk_slots: trio.Semaphore
+    ) -> None:
+        name = self.sink.name
+        async with settled:
+            async for chunk_id, done in settled:
+                await done.wait()
+                await self.buffer.ack(name, chunk_id)
+                chunk_slots.release()
 
     async def _prepare(self, send: trio.MemorySendChannel[tuple[Chunk, Encoded]]) -> None:
         """Read and encode chunks in order, handing each to :meth:`run` once it has sent the previous one."""

@@ -278,3 +278,49 @@ async def test_a_retrying_batch_holds_its_slot_while_the_others_are_delivered(
     assert stats.retries == 1 and stats.delivered == 40
     assert sorted(m for batch in sink.received for m in batch) == sorted(f"line {i}" for i in range(40))
     assert buffer.pending(sink.name) == 0
+
+
+class KeyedGateSink(ScriptedSink):
+    """Each batch waits for the gate of its first record's message (so the test picks the order of answers)."""
+
+    def __init__(self) -> None:
+        super().__init__(max_per_batch=10)
+        self.gates: dict[str, trio.Event] = {}
+        self.in_flight: set[str] = set()
+
+    async def send(self, batch: Batch) -> Verdict:
+        key = batch.records[0].message
+        self.in_flight.add(key)
+        try:
+            await self.gates.setdefault(key, trio.Event()).wait()
+            return await super().send(batch)
+        finally:
+            self.in_flight.discard(key)
+
+
+async def test_the_window_spans_two_chunks_and_chunks_are_acknowledged_in_order() -> None:
+    """Chunks of one batch each (as New Relic's and CloudWatch's often are), concurrency 4: the batches of two
+    chunks are in flight at once, never of a third. The second chunk answered first is not acknowledged before the
+    first one is."""
+    buffer = MemoryBuffer(10**9)
+    sink = KeyedGateSink()
+    buffer.register([sink.name])
+    for start in (0, 10, 20):
+        await buffer.append(records(10, start))
+    await buffer.close_input()
+    runner = DestinationRunner(sink, buffer, DestinationStats(sink.name), RetryPolicy(), concurrency=4)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert sink.in_flight == {"line 0", "line 10"}
+        sink.gates["line 10"].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert buffer.pending(sink.name) == 30  # chunk 2 delivered, but chunk 1 is not: nothing acknowledged
+        assert sink.in_flight == {"line 0"}  # chunk 3 waits until chunk 1 is acknowledged
+        sink.gates["line 0"].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert buffer.pending(sink.name) == 10
+        assert sink.in_flight == {"line 20"}
+        sink.gates["line 20"].set()
+    assert [batch[0] for batch in sink.received] == ["line 10", "line 0", "line 20"]
+    assert buffer.pending(sink.name) == 0
