@@ -107,7 +107,7 @@ class DestinationRunner:
             async with receive:
                 if self.concurrency == 1:
                     async for chunk, encoded in receive:
-                        await self._deliver_encoded(encoded)
+                        await self._deliver_encoded(encoded, 1)
                         await self.buffer.ack(name, chunk.id)
                 else:
                     await self._run_window(receive)
@@ -172,19 +172,19 @@ class DestinationRunner:
     async def deliver_records(self, records: Sequence[Record]) -> None:
         """Encode ``records`` and deliver every batch (retrying, splitting) until each record is delivered or
         counted as dropped."""
-        await self._deliver_encoded(await self._encode(records))
+        await self._deliver_encoded(await self._encode(records), self.concurrency)
 
-    async def _deliver_encoded(self, encoded: Encoded) -> None:
+    async def _deliver_encoded(self, encoded: Encoded, window: int) -> None:
+        """Deliver ``encoded``'s batches, up to ``window`` at once."""
         for reason, count in encoded.dropped.items():
             self._count_drop(reason, count)
         batches = encoded.batches
-        if self.concurrency == 1 or len(batches) == 1:
+        if window == 1 or len(batches) == 1:
             for batch in batches:
                 await self._deliver_batch(batch)
             return
-        # A window of `concurrency` batches: the next one starts as soon as one settles. A limiter of its own per
-        # call: the halves of a SPLIT batch are delivered by a nested call while the batch holds its slot.
-        slots = trio.Semaphore(self.concurrency)
+        # A window of `window` batches: the next one starts as soon as one settles.
+        slots = trio.Semaphore(window)
         async with trio.open_nursery() as nursery:
             for batch in batches:
                 await slots.acquire()
@@ -215,8 +215,10 @@ class DestinationRunner:
                 self._count_drop(TOO_LARGE, count, verdict.detail)
                 return
             half = count // 2
-            await self.deliver_records(batch.records[:half])
-            await self.deliver_records(batch.records[half:])
+            # One after the other, in the slot this batch holds: requests in flight stay within the concurrency
+            # (and the connection pool sized to it).
+            await self._deliver_encoded(await self._encode(batch.records[:half]), 1)
+            await self._deliver_encoded(await self._encode(batch.records[half:]), 1)
 
     async def _attempt(self, batch: Batch) -> Verdict:
         started = time.monotonic()

@@ -324,3 +324,25 @@ async def test_the_window_spans_two_chunks_and_chunks_are_acknowledged_in_order(
         sink.gates["line 20"].set()
     assert [batch[0] for batch in sink.received] == ["line 10", "line 0", "line 20"]
     assert buffer.pending(sink.name) == 0
+
+
+async def test_the_halves_of_split_batches_stay_within_the_window() -> None:
+    """Concurrency 2, every batch of 10 answered SPLIT (too large above 5 records), and the halves encoded into
+    several batches each (the sink cuts smaller by then): they go out one after the other in the slot the split
+    batch holds, so no more than 2 requests are ever in flight (the connection pool is sized to the concurrency),
+    and every record arrives once."""
+    buffer = MemoryBuffer(10**9)
+    sink = OverlapSink()
+    sink.too_large = 5
+    buffer.register([sink.name])
+    await buffer.append(records(40))
+    await buffer.close_input()
+    stats = DestinationStats(sink.name)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(DestinationRunner(sink, buffer, stats, RetryPolicy(), concurrency=2).run)
+        await trio.testing.wait_all_tasks_blocked()
+        sink.max_per_batch = 2  # the halves (5 records) become 3 batches each
+        sink.release.set()  # sends still yield (a checkpoint), so the ones in the window overlap
+    assert sink.max_in_flight == 2
+    assert stats.delivered == 40 and stats.batches == 4 * 2 * 3
+    assert sorted(m for batch in sink.received for m in batch) == sorted(f"line {i}" for i in range(40))
