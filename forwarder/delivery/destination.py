@@ -83,7 +83,8 @@ class DestinationRunner:
         buffer: where records come from.
         stats: counters this runner updates.
         policy: retry backoff bounds.
-        concurrency: batches of a chunk in flight at once (at least 1); 1 for an ordered sink whatever is asked.
+        concurrency: batches in flight at once (at least 1; from at most :data:`MAX_CHUNKS_IN_FLIGHT` chunks) when
+            running from the buffer (:meth:`run`); 1 for an ordered sink whatever is asked.
     """
 
     def __init__(
@@ -107,7 +108,7 @@ class DestinationRunner:
             async with receive:
                 if self.concurrency == 1:
                     async for chunk, encoded in receive:
-                        await self._deliver_encoded(encoded, 1)
+                        await self._deliver_encoded(encoded)
                         await self.buffer.ack(name, chunk.id)
                 else:
                     await self._run_window(receive)
@@ -170,31 +171,15 @@ class DestinationRunner:
         return self.sink.encode(records)
 
     async def deliver_records(self, records: Sequence[Record]) -> None:
-        """Encode ``records`` and deliver every batch (retrying, splitting) until each record is delivered or
-        counted as dropped."""
-        await self._deliver_encoded(await self._encode(records), self.concurrency)
+        """Encode ``records`` and deliver every batch, one at a time (retrying, splitting), until each record is
+        delivered or counted as dropped."""
+        await self._deliver_encoded(await self._encode(records))
 
-    async def _deliver_encoded(self, encoded: Encoded, window: int) -> None:
-        """Deliver ``encoded``'s batches, up to ``window`` at once."""
+    async def _deliver_encoded(self, encoded: Encoded) -> None:
         for reason, count in encoded.dropped.items():
             self._count_drop(reason, count)
-        batches = encoded.batches
-        if window == 1 or len(batches) == 1:
-            for batch in batches:
-                await self._deliver_batch(batch)
-            return
-        # A window of `window` batches: the next one starts as soon as one settles.
-        slots = trio.Semaphore(window)
-        async with trio.open_nursery() as nursery:
-            for batch in batches:
-                await slots.acquire()
-                nursery.start_soon(self._deliver_in_slot, batch, slots)
-
-    async def _deliver_in_slot(self, batch: Batch, slots: trio.Semaphore) -> None:
-        try:
+        for batch in encoded.batches:
             await self._deliver_batch(batch)
-        finally:
-            slots.release()
 
     async def _deliver_batch(self, batch: Batch) -> None:
         verdict = await deliver(lambda: self._attempt(batch), self.policy, on_retry=self._on_retry)
@@ -217,8 +202,8 @@ class DestinationRunner:
             half = count // 2
             # One after the other, in the slot this batch holds: requests in flight stay within the concurrency
             # (and the connection pool sized to it).
-            await self._deliver_encoded(await self._encode(batch.records[:half]), 1)
-            await self._deliver_encoded(await self._encode(batch.records[half:]), 1)
+            await self.deliver_records(batch.records[:half])
+            await self.deliver_records(batch.records[half:])
 
     async def _attempt(self, batch: Batch) -> Verdict:
         started = time.monotonic()

@@ -870,13 +870,17 @@ async def test_batches_of_a_chunk_are_in_flight_at_once_up_to_the_request_concur
     assert config is not None
     sink = config.build(HttpSettings(ca_file=str(ca_file), concurrency=3))
     stats = DestinationStats("datadog")
-    runner = DestinationRunner(sink, MemoryBuffer(10**9), stats, RetryPolicy(0.001, 0.001), concurrency=3)
+    buffer = MemoryBuffer(10**9)
+    buffer.register(["datadog"])
     count = 5 * datadog.MAX_ENTRIES
+    await buffer.append([rec(f"m{i}") for i in range(count)])  # one chunk
+    await buffer.close_input()
+    runner = DestinationRunner(sink, buffer, stats, RetryPolicy(0.001, 0.001), concurrency=3)
     try:
         with trio.fail_after(30):
-            await runner.deliver_records([rec(f"m{i}") for i in range(count)])
+            await runner.run()
     finally:
         await sink.aclose()
     assert most == 3
-    assert stats.batches == 5 and stats.delivered == count
+    assert stats.batches == 5 and stats.delivered == count and buffer.pending("datadog") == 0
     assert sorted(received) == sorted(f"m{i}" for i in range(count))
