@@ -5,15 +5,13 @@ One runner per destination, each in its own task: a dead or hanging destination 
 The next chunk is read and encoded while the batches of the previous one are in flight (a two-stage pipeline, so
 the network wait and the encoding overlap). Chunks are acknowledged strictly in order.
 
-Up to ``concurrency`` batches are in flight at once (``FORWARDER_REQUEST_CONCURRENCY``, like Fluent Bit's
-``workers`` and Vector's ``request.concurrency``): over a real network a request waits tens of milliseconds for its
-answer, and one at a time would cap a destination at one batch per round trip. The window spans at most
-:data:`MAX_CHUNKS_IN_FLIGHT` chunks (the next chunk's batches start while the last ones of the previous chunk are
-still out, which matters for destinations whose batches are about a chunk each: New Relic, CloudWatch), so at most
-that many chunks plus one encoded chunk waiting are in memory per destination, whatever the destinations do. Each
-batch has its own retry loop; a chunk is acknowledged once every one of its batches is delivered or dropped and
-every earlier chunk is acknowledged, so a crash sends again at most the chunks in flight. A sink that must receive
-batches in order (:attr:`Sink.ordered <forwarder.sinks._protocol.Sink.ordered>`, the file) gets one at a time.
+Up to ``concurrency`` batches of a chunk are in flight at once (``FORWARDER_REQUEST_CONCURRENCY``, like Fluent
+Bit's ``workers`` and Vector's ``request.concurrency``): over a real network a request waits tens of milliseconds
+for its answer, and one at a time would cap a destination at one batch per round trip. Each batch has its own retry
+loop; the chunk is acknowledged once every one of its batches is delivered or dropped, and the next chunk's batches
+start only then, so a crash sends again at most the one chunk in flight (the window does not span chunks: New Relic
+and CloudWatch batches are about a chunk each, and gain little from it). A sink that must receive batches in order
+(:attr:`Sink.ordered <forwarder.sinks._protocol.Sink.ordered>`, the file) gets one at a time.
 """
 
 from __future__ import annotations
@@ -34,8 +32,6 @@ from forwarder.sinks._protocol import Batch, Encoded, Outcome, Sink, Verdict, re
 _log = structlog.get_logger("forwarder")
 
 TOO_LARGE = "too_large"
-MAX_CHUNKS_IN_FLIGHT = 2
-"""Chunks whose batches may be in flight at once for one destination (with ``concurrency`` > 1)."""
 ENCODE_IN_THREAD_MIN_RECORDS = 256
 """Chunks at least this large are encoded in a worker thread (gzip releases the GIL; the event loop stays free)."""
 
@@ -83,8 +79,8 @@ class DestinationRunner:
         buffer: where records come from.
         stats: counters this runner updates.
         policy: retry backoff bounds.
-        concurrency: batches in flight at once (at least 1; from at most :data:`MAX_CHUNKS_IN_FLIGHT` chunks) when
-            running from the buffer (:meth:`run`); 1 for an ordered sink whatever is asked.
+        concurrency: batches of a chunk in flight at once when running from the buffer (:meth:`run`), at least 1;
+            1 for an ordered sink whatever is asked.
     """
 
     def __init__(
@@ -106,55 +102,9 @@ class DestinationRunner:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._prepare, send)
             async with receive:
-                if self.concurrency == 1:
-                    async for chunk, encoded in receive:
-                        await self._deliver_encoded(encoded)
-                        await self.buffer.ack(name, chunk.id)
-                else:
-                    await self._run_window(receive)
-
-    async def _run_window(self, receive: trio.MemoryReceiveChannel[tuple[Chunk, Encoded]]) -> None:
-        """:meth:`run` with up to ``concurrency`` batches of up to :data:`MAX_CHUNKS_IN_FLIGHT` chunks in flight;
-        one task acknowledges the chunks in order, each once all its batches settled."""
-        slots = trio.Semaphore(self.concurrency)
-        chunk_slots = trio.Semaphore(MAX_CHUNKS_IN_FLIGHT)
-        settled_send, settled_receive = trio.open_memory_channel[tuple[int, trio.Event]](MAX_CHUNKS_IN_FLIGHT)
-        async with trio.open_nursery() as senders:
-            senders.start_soon(self._ack_in_order, settled_receive, chunk_slots)
-            async with settled_send:
                 async for chunk, encoded in receive:
-                    await chunk_slots.acquire()
-                    for reason, count in encoded.dropped.items():
-                        self._count_drop(reason, count)
-                    settled = trio.Event()
-                    left = [len(encoded.batches)]
-                    if not encoded.batches:
-                        settled.set()
-                    await settled_send.send((chunk.id, settled))
-                    for batch in encoded.batches:
-                        await slots.acquire()
-                        senders.start_soon(self._deliver_in_window, batch, slots, left, settled)
-
-    async def _deliver_in_window(
-        self, batch: Batch, slots: trio.Semaphore, left: list[int], settled: trio.Event
-    ) -> None:
-        try:
-            await self._deliver_batch(batch)
-        finally:
-            slots.release()
-        left[0] -= 1
-        if not left[0]:
-            settled.set()
-
-    async def _ack_in_order(
-        self, settled: trio.MemoryReceiveChannel[tuple[int, trio.Event]], chunk_slots: trio.Semaphore
-    ) -> None:
-        name = self.sink.name
-        async with settled:
-            async for chunk_id, done in settled:
-                await done.wait()
-                await self.buffer.ack(name, chunk_id)
-                chunk_slots.release()
+                    await self._deliver_encoded(encoded, self.concurrency)
+                    await self.buffer.ack(name, chunk.id)
 
     async def _prepare(self, send: trio.MemorySendChannel[tuple[Chunk, Encoded]]) -> None:
         """Read and encode chunks in order, handing each to :meth:`run` once it has sent the previous one."""
@@ -173,13 +123,28 @@ class DestinationRunner:
     async def deliver_records(self, records: Sequence[Record]) -> None:
         """Encode ``records`` and deliver every batch, one at a time (retrying, splitting), until each record is
         delivered or counted as dropped."""
-        await self._deliver_encoded(await self._encode(records))
+        await self._deliver_encoded(await self._encode(records), 1)
 
-    async def _deliver_encoded(self, encoded: Encoded) -> None:
+    async def _deliver_encoded(self, encoded: Encoded, window: int) -> None:
+        """Deliver ``encoded``'s batches, up to ``window`` at once (the next starts as soon as one settles)."""
         for reason, count in encoded.dropped.items():
             self._count_drop(reason, count)
-        for batch in encoded.batches:
+        batches = encoded.batches
+        if window == 1 or len(batches) == 1:
+            for batch in batches:
+                await self._deliver_batch(batch)
+            return
+        slots = trio.Semaphore(window)
+        async with trio.open_nursery() as nursery:
+            for batch in batches:
+                await slots.acquire()
+                nursery.start_soon(self._deliver_in_slot, batch, slots)
+
+    async def _deliver_in_slot(self, batch: Batch, slots: trio.Semaphore) -> None:
+        try:
             await self._deliver_batch(batch)
+        finally:
+            slots.release()
 
     async def _deliver_batch(self, batch: Batch) -> None:
         verdict = await deliver(lambda: self._attempt(batch), self.policy, on_retry=self._on_retry)
