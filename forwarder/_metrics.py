@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -68,7 +68,7 @@ METRICS: Final[tuple[tuple[str, str, str, str], ...]] = (
         "forwarder_checkpoint_lag_bytes",
         "gauge",
         "source",
-        "Bytes of a tailed file not yet persisted with a checkpoint (tail mode, when the source reports it).",
+        "Bytes of a tailed file not yet covered by a persisted checkpoint: its size minus the persisted offset (tail).",
     ),
     ("forwarder_child_restarts_total", "counter", "", "Times the agent was restarted (run mode)."),
     ("forwarder_child_exit_status", "gauge", "", "The agent's exit status, once it exited (run mode)."),
@@ -219,16 +219,14 @@ class RuntimeCollector:
 
 
 def _checkpoint_lag(rt: Runtime) -> Mapping[str, int]:
-    """Bytes behind per tailed source, from the optional ``Runtime.checkpoint_lag`` callable (set by the tail
-    source; absent in run mode)."""
-    report: Any = getattr(rt, "checkpoint_lag", None)
-    if report is None:
+    """Bytes behind per tailed source, from ``Runtime.checkpoint_lag`` (set by the tail source; ``None`` in run
+    mode). A report that fails (e.g. the spool is closing) yields no samples rather than breaking ``/metrics``."""
+    if rt.checkpoint_lag is None:
         return {}
     try:
-        result = report()
+        return rt.checkpoint_lag()
     except Exception:  # noqa: BLE001 - a failing report must not break /metrics
         return {}
-    return result if isinstance(result, Mapping) else {}
 
 
 def make_registry(collector: RuntimeCollector, *, process: bool = True) -> CollectorRegistry:

@@ -15,9 +15,9 @@ from __future__ import annotations
 import gc
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol, runtime_checkable
 
 import structlog
 import trio
@@ -38,6 +38,16 @@ _log = structlog.get_logger("forwarder")
 
 SourceFn = Callable[[Ingest], Awaitable[int]]
 """A source: reads until its input ends (or it is cancelled) and returns the process exit status."""
+
+
+@runtime_checkable
+class ReportsCheckpointLag(Protocol):
+    """A source that can say how far its persisted checkpoints are behind its input (the ``tail`` source)."""
+
+    def checkpoint_lag(self) -> Mapping[str, int]:
+        """``source -> bytes`` of input not yet covered by a persisted checkpoint."""
+        ...
+
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 IGNORED_LATE_SIGNALS = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
@@ -74,6 +84,8 @@ class Runtime:
     child_exit_status: int | None = None
     child_restarts: int = 0
     observers: list[RecordObserver] = field(default_factory=list)
+    checkpoint_lag: Callable[[], Mapping[str, int]] | None = None
+    """``source -> bytes`` not yet covered by a persisted checkpoint, when the source reports it (tail mode)."""
 
 
 def build_sinks(config: Config) -> list[Sink]:
@@ -122,6 +134,8 @@ async def serve(config: Config, source: SourceFn, mode: str = "run", runtime: Ru
         runtime: pre-built runtime (tests); one is created otherwise.
     """
     rt = runtime or Runtime(config=config, mode=mode)
+    if isinstance(source, ReportsCheckpointLag):
+        rt.checkpoint_lag = source.checkpoint_lag
     sinks = build_sinks(config)
     rt.sinks = sinks
     for sink in sinks:
@@ -159,9 +173,7 @@ async def serve(config: Config, source: SourceFn, mode: str = "run", runtime: Ru
     )
     policy = RetryPolicy(max_s=config.retry_max_backoff_s)
     concurrency = config.http.concurrency
-    runners = [
-        DestinationRunner(s, buffer, rt.destinations[s.name], policy, concurrency=concurrency) for s in sinks
-    ]
+    runners = [DestinationRunner(s, buffer, rt.destinations[s.name], policy, concurrency=concurrency) for s in sinks]
     if runtime is None:  # a process of our own (the CLI), not a test sharing its interpreter
         limit_arenas()  # before the pipe readers and worker threads start
         tune_gc()

@@ -127,4 +127,3 @@ class Sink(Protocol):
     async def aclose(self) -> None:
         """Release connections and threads."""
         ...
-

@@ -350,6 +350,27 @@ class Tailer:
                     await self._scan_requested.wait()
                 self._scan_requested = trio.Event()
 
+    def checkpoint_lag(self, persisted: Mapping[str, str]) -> dict[str, int]:
+        """Bytes of each followed file not yet covered by a persisted checkpoint: ``path -> bytes``.
+
+        For each open file: its size now minus the offset of its checkpoint in ``persisted`` (the buffer's
+        :meth:`CheckpointStore.load_checkpoints`), or minus the offset reading started at when none is persisted
+        yet (or the persisted one is past the end: the file was truncated). Files sharing a path (a rotated-away
+        file still being drained and its successor) are summed. Right after a truncation the figure is low until
+        the new checkpoint is persisted (within the flush interval). A file that cannot be ``fstat``-ed is left out.
+        """
+        lag: dict[str, int] = {}
+        for follower in list(self.followers.values()):
+            try:
+                size = os.fstat(follower.fd).st_size
+            except OSError:
+                continue
+            value = persisted.get(follower.key)
+            pos = Position.loads(value) if value is not None else None
+            done = pos.offset if pos is not None and not pos.deleted and pos.offset <= size else follower.start
+            lag[follower.path] = lag.get(follower.path, 0) + max(0, size - done)
+        return lag
+
     def request_scan(self) -> None:
         """Scan now instead of at the next interval (a followed file was rotated away)."""
         self._scan_requested.set()
@@ -449,6 +470,8 @@ class _Follower:
         self.spec = spec
         self.fd = fd
         self.offset = offset
+        self.start = offset
+        """Where reading started (or restarted, after a truncation): nothing before it is owed."""
         self.reader = tailer.new_reader(spec, offset)
         self.fp = fingerprint(prefix)
         self.fp_len = len(prefix)
@@ -490,7 +513,7 @@ class _Follower:
     def _truncated(self, size: int) -> None:
         _log.info("tail_file_truncated", path=self.path, offset=self.offset, size=size)
         runs = self.reader.finish()
-        self.offset = 0
+        self.offset = self.start = 0
         self.reader = self.tailer.new_reader(self.spec, 0)
         prefix = os.pread(self.fd, FINGERPRINT_BYTES, 0)
         self.fp, self.fp_len = fingerprint(prefix), len(prefix)

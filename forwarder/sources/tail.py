@@ -44,7 +44,35 @@ READ_FROM: Final = ("head", "tail")
 DEFAULT_READ_FROM: Final = "head"
 STDIN: Final = "-"
 
-TailSource = Callable[[TailConsumer], Awaitable[int]]
+
+class TailSource:
+    """The ``tail`` source: ``await source(consumer)`` follows the files (and standard input) until cancelled and
+    returns 0 (or returns 0 at EOF when standard input is the only path).
+
+    Made by :func:`make_tail_source`; :meth:`checkpoint_lag` reports the files followed so far (for
+    ``forwarder_checkpoint_lag_bytes``).
+    """
+
+    def __init__(self, run: Callable[[TailConsumer, Callable[[Tailer], None]], Awaitable[int]]) -> None:
+        self._run = run
+        self._tailer: Tailer | None = None
+        self._consumer: TailConsumer | None = None
+
+    async def __call__(self, consumer: TailConsumer) -> int:
+        """Follow until cancelled (see the class); returns the exit status, 0."""
+        self._consumer = consumer
+        return await self._run(consumer, self._started)
+
+    def _started(self, tailer: Tailer) -> None:
+        self._tailer = tailer
+
+    def checkpoint_lag(self) -> dict[str, int]:
+        """``path -> bytes`` of each followed file not yet covered by a persisted checkpoint
+        (:meth:`Tailer.checkpoint_lag` against the buffer's persisted checkpoints); empty before the source runs
+        and for standard input, which has no checkpoint."""
+        if self._tailer is None or self._consumer is None:
+            return {}
+        return self._tailer.checkpoint_lag(self._consumer.buffer.load_checkpoints())
 
 
 def parse_path_spec(arg: str) -> FileSpec:
@@ -123,17 +151,19 @@ def make_tail_source(
         else:
             await read_stdin_container(consumer, fmt=fmt, stream=spec.stream, max_line_bytes=max_line_bytes)
 
-    async def source(consumer: TailConsumer) -> int:
+    async def source(consumer: TailConsumer, started: Callable[[Tailer], None]) -> int:
         if not files:
             await read_input(consumer)
             return 0
         async with trio.open_nursery() as nursery:
             if stdin:
                 nursery.start_soon(read_input, consumer)
-            await Tailer(files, fmt=fmt, read_from=start, max_line_bytes=max_line_bytes).run(consumer)
+            tailer = Tailer(files, fmt=fmt, read_from=start, max_line_bytes=max_line_bytes)
+            started(tailer)
+            await tailer.run(consumer)
         return 0
 
-    return source
+    return TailSource(source)
 
 
 async def _read_stdin_raw(consumer: TailConsumer, stream: str, max_line_bytes: int) -> None:

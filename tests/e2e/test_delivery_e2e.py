@@ -46,6 +46,7 @@ while stop is None or not os.path.exists(stop):
 """
 """The agent: ``n 0``, ``n 1``, ... about 400 lines a second, until the file named by ``argv[1]`` exists."""
 
+
 def number(message: str) -> int:
     """The number of a ``n 123`` line."""
     assert message.startswith("n "), message

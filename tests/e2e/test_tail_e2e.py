@@ -23,7 +23,9 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from forwarder.sources._follow import POLL_INTERVAL_S, SCAN_INTERVAL_S
 from tests.e2e.conftest import forwarder_cmd, own_log
@@ -31,7 +33,6 @@ from tests.e2e.conftest import forwarder_cmd, own_log
 DEADLINE_S = 60.0
 """Wall-clock seconds a condition may take before a test fails (the machine is shared and slow)."""
 CHECK_EVERY_S = 0.05
-
 
 
 def wait_for(cond: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
@@ -511,3 +512,33 @@ def test_cri_from_stdin_exits_at_eof(tail_env: dict[str, str]) -> None:
     sink = Sink(Path(tail_env["FORWARDER_STATE_DIR"]))
     sink.poll()
     _assert_container_records(sink.records, 50)
+
+
+def _checkpoint_lag(addr: str) -> dict[str, float]:
+    """``forwarder_checkpoint_lag_bytes`` per source label, scraped from ``/metrics`` at ``addr``."""
+    text = httpx.get(f"http://{addr}/metrics", trust_env=False, timeout=10).text
+    return {
+        sample.labels["source"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "forwarder_checkpoint_lag_bytes"
+        for sample in family.samples
+    }
+
+
+def test_checkpoint_lag_metric_follows_the_persisted_offset(tail_env: dict[str, str], tmp_path: Path) -> None:
+    log = tmp_path / "agent.log"
+    log.write_bytes(b"".join(b"line %d\n" % i for i in range(1000)) + b"unterminated")
+    env = dict(tail_env, FORWARDER_HTTP_ADDR="127.0.0.1:0")
+    addr_file = Path(env["FORWARDER_STATE_DIR"]) / "http.addr"
+    sink = Sink(Path(env["FORWARDER_STATE_DIR"]))
+    with forwarder([str(log)], env, tmp_path) as fwd:
+        wait_for(addr_file.exists, "the metrics endpoint")
+        addr = addr_file.read_text().strip()
+        wait_for(lambda: sink.poll() == 1000, "the complete lines")
+        # Persisted with its records: the checkpoint stops before the unterminated line, which is all that is owed.
+        wait_for(lambda: _checkpoint_lag(addr) == {str(log): len(b"unterminated")}, "a lag of the held line")
+        with log.open("ab") as fh:
+            fh.write(b" now ends\n")
+        wait_for(lambda: _checkpoint_lag(addr) == {str(log): 0}, "a lag of 0 once the line ended")
+        assert sink.messages()[-1] == "unterminated now ends"
+        assert fwd.stop() == 0

@@ -493,3 +493,51 @@ async def test_last_line_of_a_block_has_a_checkpoint_of_its_own(
     before_last = len(lines[0]) + len(lines[1]) + 2
     assert _offsets(rec) == [(2, before_last), (3, log.stat().st_size)]
     assert [m for _s, m, _t in rec.lines] == ["a", "bb", "ccc"]
+
+
+# -- checkpoint lag (forwarder_checkpoint_lag_bytes) ---------------------------------------------------------------
+
+
+async def test_checkpoint_lag_is_the_size_past_the_persisted_offset(tmp_path: Path, autojump_clock: object) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(b"one\ntwo\npart")
+    rec = Recorder()
+    async with tailing([spec(log)], rec) as tailer:
+        await wait_until(lambda: rec.messages() == ["one", "two"])
+        # Nothing persisted yet: the whole file is owed (reading started at 0).
+        assert tailer.checkpoint_lag({}) == {str(log): len(b"one\ntwo\npart")}
+        # Persisted up to the submitted checkpoint: only the unterminated line is owed.
+        assert tailer.checkpoint_lag(rec.checkpoints) == {str(log): len(b"part")}
+        persisted = dict(rec.checkpoints)
+        append(log, b"ial\nthree\n")
+        await wait_until(lambda: rec.messages() == ["one", "two", "partial", "three"])
+        assert tailer.checkpoint_lag(persisted) == {str(log): len(b"partial\nthree\n")}
+        assert tailer.checkpoint_lag(rec.checkpoints) == {str(log): 0}
+
+
+async def test_checkpoint_lag_starts_where_reading_started(tmp_path: Path, autojump_clock: object) -> None:
+    done, new = b"done 1\ndone 2\n", b"new 3\n"
+    log = tmp_path / "app.log"
+    log.write_bytes(done + new)
+    resumed = _checkpoint_for(log, len(done), prefix=b"done 1\n")
+    rec = Recorder(resumed)
+    async with tailing([spec(log)], rec) as tailer:
+        await wait_until(lambda: rec.messages() == ["new 3"])
+        assert tailer.checkpoint_lag(resumed) == {str(log): len(new)}
+        # A persisted offset past the end (truncated since): owed from where reading started.
+        assert tailer.checkpoint_lag(_checkpoint_for(log, 10_000)) == {str(log): len(new)}
+
+
+async def test_checkpoint_lag_covers_every_followed_file_and_drops_closed_ones(
+    tmp_path: Path, autojump_clock: object
+) -> None:
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    a.write_bytes(b"a\n" * 10)
+    b.write_bytes(b"bb\n" * 5)
+    rec = Recorder()
+    async with tailing([spec(tmp_path / "*.log")], rec) as tailer:
+        await wait_until(lambda: len(rec.lines) == 15)
+        assert tailer.checkpoint_lag({}) == {str(a): 20, str(b): 15}
+        b.unlink()
+        await wait_until(lambda: str(b) not in tailer.checkpoint_lag({}), "the deleted file to be closed")
+        assert tailer.checkpoint_lag(rec.checkpoints) == {str(a): 0}
