@@ -34,6 +34,11 @@ DEFAULT_REQUEST_CONCURRENCY: Final = 4
 MAX_REQUEST_CONCURRENCY: Final = 32
 """Upper bound of ``FORWARDER_REQUEST_CONCURRENCY``: CloudWatch requests each hold a worker thread while in flight, and
 trio runs at most 40 worker threads at once (its default thread limiter), shared with the spool and the encoders."""
+DEFAULT_REQUEST_TIMEOUT_S: Final = 10.0
+"""``FORWARDER_REQUEST_TIMEOUT``: connect, read, write and pool timeout of every request to a destination, seconds
+(Vector's sinks default to 60 s; a log intake answers in well under a second, and a shorter timeout frees the
+request's slot sooner when a destination hangs)."""
+MIN_REQUEST_TIMEOUT_S: Final = 0.01
 DEFAULT_HTTP_ADDR: Final = "127.0.0.1:9880"
 DEFAULT_HEALTH_GRACE_S: Final = 60.0
 SYSTEM_STATE_DIR: Final = Path("/var/lib/forwarder")
@@ -55,6 +60,7 @@ CORE_VARIABLES: Final = (
     "FORWARDER_SPOOL_MAX_BYTES",
     "FORWARDER_RETRY_MAX_BACKOFF",
     "FORWARDER_REQUEST_CONCURRENCY",
+    "FORWARDER_REQUEST_TIMEOUT",
     "FORWARDER_FILE_SINK",
     "FORWARDER_LOG_LEVEL",
     "FORWARDER_REDACT",
@@ -110,13 +116,13 @@ class HttpSettings:
 
     Attributes:
         ca_file: a PEM bundle to trust instead of the system/certifi store (``SSL_CERT_FILE``), or ``None``.
-        timeout_s: connect/read/write/pool timeout for every request, seconds.
+        timeout_s: connect/read/write/pool timeout for every request, seconds (``FORWARDER_REQUEST_TIMEOUT``).
         concurrency: requests one destination may have in flight at once (``FORWARDER_REQUEST_CONCURRENCY``), and
             the size of its connection pool.
     """
 
     ca_file: str | None = None
-    timeout_s: float = 10.0
+    timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     concurrency: int = DEFAULT_REQUEST_CONCURRENCY
 
 
@@ -397,6 +403,9 @@ def load(
         redact_patterns=_parse_redact(merged),
         http=HttpSettings(
             ca_file=ca_file,
+            timeout_s=parse_float(
+                merged, "FORWARDER_REQUEST_TIMEOUT", DEFAULT_REQUEST_TIMEOUT_S, minimum=MIN_REQUEST_TIMEOUT_S
+            ),
             concurrency=parse_int(
                 merged,
                 "FORWARDER_REQUEST_CONCURRENCY",

@@ -25,7 +25,7 @@ import trio
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from forwarder.config import ConfigError, HttpSettings
+from forwarder.config import ConfigError, HttpSettings, load
 from forwarder.delivery.buffer import MemoryBuffer
 from forwarder.delivery.destination import DestinationRunner, DestinationStats
 from forwarder.delivery.retry import RetryPolicy, deliver
@@ -884,3 +884,31 @@ async def test_batches_of_a_chunk_are_in_flight_at_once_up_to_the_request_concur
     assert most == 3
     assert stats.batches == 5 and stats.delivered == count and buffer.pending("datadog") == 0
     assert sorted(received) == sorted(f"m{i}" for i in range(count))
+
+
+async def test_request_timeout_setting_bounds_a_request_to_a_hanging_intake(tmp_path: Path) -> None:
+    """``FORWARDER_REQUEST_TIMEOUT=0.2``: a request to an intake that accepts the connection and never answers ends
+    as ``RETRY`` with reason ``timeout`` long before the 10 s default would."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # connections complete in the backlog; nothing ever reads or answers them
+        port = listener.getsockname()[1]
+        config = load(
+            {
+                "DATADOG_TOKEN": API_KEY,
+                "FORWARDER_DATADOG_URL": f"http://127.0.0.1:{port}/",
+                "FORWARDER_REQUEST_TIMEOUT": "0.2",
+                "FORWARDER_STATE_DIR": str(tmp_path),
+            }
+        )
+        assert config.http.timeout_s == 0.2
+        [sink_config] = config.sinks
+        sink = sink_config.build(config.http)
+        try:
+            [batch] = sink.encode([rec("one")]).batches
+            with trio.fail_after(5):  # the default timeout (10 s) would fail here
+                verdict = await sink.send(batch)
+        finally:
+            await sink.aclose()
+    assert verdict.outcome is Outcome.RETRY
+    assert verdict.reason == "timeout"
