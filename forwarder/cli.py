@@ -148,12 +148,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(config: Config, command: list[str], *, mirror: bool) -> int:
+    from forwarder._priority import lower_priority
     from forwarder.app import serve
     from forwarder.pipeline import Ingest
     from forwarder.sources.child import CommandNotStartedError, run_child
 
+    def started(_pid: int) -> None:
+        lower_priority(config.nice)  # the agent keeps our priority; our threads yield the CPU to it
+
     async def source(ingest: Ingest) -> int:
-        return await run_child(command, ingest, env=os.environ, max_line_bytes=config.max_line_bytes, mirror=mirror)
+        return await run_child(
+            command,
+            ingest,
+            env=os.environ,
+            max_line_bytes=config.max_line_bytes,
+            mirror=mirror,
+            on_started=started,
+        )
 
     problem = _check_command(command[0])
     if problem is not None:
@@ -193,8 +204,11 @@ def _check_command(name: str) -> CommandNotStartedErrorType | None:
 
 
 def _tail(config: Config, args: argparse.Namespace) -> int:
+    from forwarder._priority import lower_priority
     from forwarder.app import serve
     from forwarder.pipeline import Ingest
+
+    lower_priority(config.nice)  # an agent on this machine wins the CPU when both want it
 
     paths: list[str] = list(args.paths)
     if paths == ["-"] and args.format == "raw":

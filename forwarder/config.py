@@ -39,6 +39,10 @@ DEFAULT_REQUEST_TIMEOUT_S: Final = 10.0
 (Vector's sinks default to 60 s; a log intake answers in well under a second, and a shorter timeout frees the
 request's slot sooner when a destination hangs)."""
 MIN_REQUEST_TIMEOUT_S: Final = 0.01
+DEFAULT_NICE: Final = 10
+"""``FORWARDER_NICE``: added to the nice value of the forwarder's own threads (after the agent started, in run mode)
+so that the agent wins the CPU when both want it; 0 leaves the priority alone (:mod:`forwarder._priority`)."""
+MAX_NICE_INCREMENT: Final = 19
 DEFAULT_HTTP_ADDR: Final = "127.0.0.1:9880"
 DEFAULT_HEALTH_GRACE_S: Final = 60.0
 SYSTEM_STATE_DIR: Final = Path("/var/lib/forwarder")
@@ -61,6 +65,7 @@ CORE_VARIABLES: Final = (
     "FORWARDER_RETRY_MAX_BACKOFF",
     "FORWARDER_REQUEST_CONCURRENCY",
     "FORWARDER_REQUEST_TIMEOUT",
+    "FORWARDER_NICE",
     "FORWARDER_FILE_SINK",
     "FORWARDER_LOG_LEVEL",
     "FORWARDER_REDACT",
@@ -146,6 +151,7 @@ class Config:
     buffer: str = "disk"
     spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
     retry_max_backoff_s: float = DEFAULT_RETRY_MAX_BACKOFF_S
+    nice: int = DEFAULT_NICE
     file_sink: bool = True
     log_level: str = "INFO"
     redact_patterns: tuple[str, ...] = ()
@@ -393,6 +399,7 @@ def load(
         strip_ansi=parse_bool(merged, "FORWARDER_STRIP_ANSI", True),
         buffer=parse_choice(merged, "FORWARDER_BUFFER", ("disk", "memory"), "disk"),
         spool_max_bytes=parse_size(merged, "FORWARDER_SPOOL_MAX_BYTES", DEFAULT_SPOOL_MAX_BYTES, minimum=65536),
+        nice=parse_int(merged, "FORWARDER_NICE", DEFAULT_NICE, minimum=0, maximum=MAX_NICE_INCREMENT),
         retry_max_backoff_s=parse_float(
             merged, "FORWARDER_RETRY_MAX_BACKOFF", DEFAULT_RETRY_MAX_BACKOFF_S, minimum=0.001
         ),

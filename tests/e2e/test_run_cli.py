@@ -90,6 +90,8 @@ def test_command_that_cannot_start(base_env: dict[str, str], tmp_path: Path, com
         ("FORWARDER_REQUEST_CONCURRENCY", "0", "1 to 32"),
         ("FORWARDER_REQUEST_TIMEOUT", "soon", "number"),
         ("FORWARDER_REQUEST_TIMEOUT", "0", ">= 0.01"),
+        ("FORWARDER_NICE", "-5", "0 to 19"),
+        ("FORWARDER_NICE", "low", "0 to 19"),
     ],
 )
 def test_invalid_setting_exits_2_with_one_line(
