@@ -164,6 +164,7 @@ def _run(config: Config, command: list[str], *, mirror: bool) -> int:
             max_line_bytes=config.max_line_bytes,
             mirror=mirror,
             on_started=started,
+            spill_dir=config.state_dir,
         )
 
     problem = _check_command(command[0])

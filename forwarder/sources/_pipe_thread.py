@@ -2,9 +2,16 @@
 
 The thread does only blocking ``os.read`` calls (which release the GIL), the mirror ``os.write`` and a
 ``deque.append``; framing and shaping run in the trio task that :func:`pump_pipe` starts. A burst from the agent
-therefore lands in memory at pipe speed even while the event loop is busy shaping a large batch. Memory is bounded
-by :data:`MAX_UNREAD_BYTES`: past it the thread stops reading until the trio side catches up (the only case in
-which the agent can be slowed down, and only by our own CPU, never by a destination).
+therefore lands in memory at pipe speed even while the event loop is busy shaping a large batch.
+
+Backlog: bytes read but not framed yet stay in memory up to :data:`SPILL_ABOVE_BYTES`; past that (an agent writing
+faster than we shape, for longer than a moment) the thread appends what it reads to a spill file instead: an unnamed
+temporary file in the state directory (``O_TMPFILE``: it never has a name, and the kernel frees it when we exit or
+crash), read back in order by the trio side, and truncated once it has been read back whole. So the agent keeps
+writing at pipe speed and our memory stays small whatever the burst. The thread stops reading only when
+:data:`MAX_SPILL_BYTES` are spilled, or when the spill file cannot be written (no state directory, disk full) and
+:data:`MAX_UNREAD_BYTES` are held in memory: the only cases in which the agent can be slowed down, and only by our
+own CPU, never by a destination. Spilled bytes are not durable: like bytes in memory, they are not records yet.
 """
 
 from __future__ import annotations
@@ -12,11 +19,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from typing import Final
+from pathlib import Path
+from typing import IO, Final, cast
 
 import structlog
 import trio
@@ -30,8 +39,14 @@ PIPE_BUFFER_BYTES: Final = 1024 * 1024
 an unprivileged process may ask for). The reader thread needs the GIL between two reads, which a busy event loop
 holds for up to ``sys.getswitchinterval()`` (5 ms): with the default 64 KiB pipe a fast writer would block on a
 full pipe several times per handoff; with 1 MiB it writes on while we catch up."""
+SPILL_ABOVE_BYTES: Final = 16 * 1024 * 1024
+"""Bytes read but not yet framed held in memory before what is read goes to the spill file instead."""
+MAX_SPILL_BYTES: Final = 1024 * 1024 * 1024
+"""Bytes read but not yet framed held in the spill file; the reader thread waits past this (the agent may then
+block on a full pipe). At ~175 bytes a line that is ~6 million lines of backlog."""
 MAX_UNREAD_BYTES: Final = 64 * 1024 * 1024
-"""Bytes read from the pipe but not yet framed; the reader thread waits past this."""
+"""Bytes read but not yet framed held in memory when nothing can be spilled (no spill directory, or the spill file
+could not be written); the reader thread waits past this."""
 SLICE_BYTES: Final = 1024 * 1024
 """Bytes the trio side frames and submits at a time. Framing the whole backlog at once (up to
 :data:`MAX_UNREAD_BYTES`) would hold it three times over (bytes, decoded text, line strings); in slices the
@@ -40,17 +55,37 @@ transient copies stay ~1 MiB and :meth:`~forwarder.sources._pump.LineConsumer.wa
 _log = structlog.get_logger("forwarder")
 
 
-class _Shared:
-    """State shared by the reader thread and the trio task (guarded by ``lock``)."""
+_Spilled = tuple[int, int]
+"""``(offset, length)`` of bytes in the spill file."""
 
-    def __init__(self) -> None:
+
+class _Shared:
+    """State shared by the reader thread and the trio task (guarded by ``lock``).
+
+    ``chunks`` holds what was read, in order: bytes in memory, or ``(offset, length)`` of bytes in the spill file.
+    ``unread`` counts the bytes in memory, ``spilled`` the bytes in the file not yet read back (decreased only once
+    they have been read, so the reader thread may truncate the file when it is 0).
+    """
+
+    def __init__(self, spill_dir: Path | None) -> None:
         self.lock = threading.Lock()
-        self.chunks: deque[bytes] = deque()
+        self.chunks: deque[bytes | _Spilled] = deque()
         self.unread = 0
+        self.spilled = 0
+        self.spilled_total = 0
+        self.spill_dir = spill_dir
+        self.spill: IO[bytes] | None = None
+        self.spill_end = 0
         self.eof = False
+        self.closed = False
         self.notified = False
         self.room = threading.Event()
         self.room.set()
+
+    def has_room(self) -> bool:
+        """Whether the reader thread may read on (call with ``lock`` held). While spilling works, memory never
+        comes near :data:`MAX_UNREAD_BYTES`."""
+        return self.unread <= MAX_UNREAD_BYTES and self.spilled <= MAX_SPILL_BYTES
 
 
 def _write_all(fd: int, data: bytes) -> bool:
@@ -81,8 +116,60 @@ def _grow_pipe(fd: int) -> None:
         pass
 
 
+def _spill(shared: _Shared, data: bytes) -> _Spilled | None:
+    """Append ``data`` to the spill file (created on first use, truncated first when everything in it was read
+    back); its place in the file, or ``None`` if it cannot be written (logged once; spilling is then off). Called
+    by the reader thread with ``lock`` held, so the file is never closed under it."""
+    try:
+        if shared.spill is None:
+            assert shared.spill_dir is not None
+            # Unnamed (O_TMPFILE where supported); closed by pump_pipe, freed by the kernel if we crash.
+            shared.spill = tempfile.TemporaryFile(dir=shared.spill_dir, prefix="pipe-spill-")  # noqa: SIM115
+            _log.info(
+                "pipe_spilling",
+                directory=str(shared.spill_dir),
+                hint="the agent writes faster than lines are shaped; the backlog goes to a spill file",
+            )
+        fd = shared.spill.fileno()
+        if shared.spilled == 0 and shared.spill_end > 0:
+            os.ftruncate(fd, 0)
+            shared.spill_end = 0
+        offset = shared.spill_end
+        written = 0
+        while written < len(data):
+            written += os.pwrite(fd, memoryview(data)[written:], offset + written)
+    except OSError as exc:
+        _log.warning("pipe_spill_failed", directory=str(shared.spill_dir), error=str(exc))
+        shared.spill_dir = None
+        return None
+    shared.spill_end = offset + len(data)
+    return (offset, len(data))
+
+
+def _read_spilled(shared: _Shared, place: _Spilled) -> bytes:
+    """The bytes at ``place`` in the spill file (in the trio thread; a page-cache read of at most ``READ_SIZE``).
+    A read that fails or comes back short (an I/O error) is logged with the bytes lost: never a crash."""
+    offset, length = place
+    data = b""
+    error = "spill file shorter than written"
+    try:
+        assert shared.spill is not None
+        data = os.pread(shared.spill.fileno(), length, offset)
+        while 0 < len(data) < length:
+            more = os.pread(shared.spill.fileno(), length - len(data), offset + len(data))
+            if not more:
+                break
+            data += more
+    except OSError as exc:
+        error = str(exc)
+    if len(data) < length:
+        _log.error("pipe_spill_read_failed", lost_bytes=length - len(data), error=error)
+    return data
+
+
 def _reader(fd: int, mirror_fd: int | None, shared: _Shared, notify: Callable[[], None]) -> None:
-    """Thread body: read until EOF, mirror, queue; ask the trio side to wake (once per batch of reads)."""
+    """Thread body: read until EOF, mirror, queue (in memory, or spilled); ask the trio side to wake (once per batch
+    of reads)."""
     token_call = notify
     mirror = mirror_fd
     try:
@@ -98,13 +185,25 @@ def _reader(fd: int, mirror_fd: int | None, shared: _Shared, notify: Callable[[]
                 _log.warning("mirror_disabled", fd=mirror)
                 mirror = None
             with shared.lock:
-                if data:
+                place: _Spilled | None = None
+                if (
+                    data
+                    and shared.spill_dir is not None
+                    and not shared.closed
+                    and shared.unread + len(data) > SPILL_ABOVE_BYTES
+                ):
+                    place = _spill(shared, data)
+                if place is not None:
+                    shared.chunks.append(place)
+                    shared.spilled += place[1]
+                    shared.spilled_total += place[1]
+                elif data:
                     shared.chunks.append(data)
                     shared.unread += len(data)
-                    if shared.unread > MAX_UNREAD_BYTES:
-                        shared.room.clear()
                 else:
                     shared.eof = True
+                if not shared.has_room():
+                    shared.room.clear()
                 must_notify = not shared.notified
                 shared.notified = True
             if must_notify:
@@ -130,6 +229,21 @@ class PipeActivity:
         self._shared: _Shared | None = None
         self.waiting_for_room = False
 
+    @property
+    def spilled_bytes(self) -> int:
+        """Bytes that went through the spill file so far."""
+        return self._shared.spilled_total if self._shared is not None else 0
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes read but not yet framed, held in memory now."""
+        return self._shared.unread if self._shared is not None else 0
+
+    @property
+    def reading(self) -> bool:
+        """``False`` while the reader thread waits for the backlog to shrink (it is at its bound)."""
+        return self._shared is None or self._shared.room.is_set()
+
     def busy(self) -> bool:
         """Bytes read but not yet framed, or framed lines waiting for the shaper: the pipe is not idle."""
         shared = self._shared
@@ -144,12 +258,14 @@ async def pump_pipe(
     max_line_bytes: int,
     mirror_fd: int | None = None,
     activity: PipeActivity | None = None,
+    spill_dir: Path | None = None,
 ) -> None:
     """Read the pipe ``fd`` (blocking mode, owned: closed at EOF) to EOF in a thread; frame and submit its lines as
-    ``stream``. ``mirror_fd`` receives every byte unchanged; ``activity`` tracks progress. If cancelled, every byte
-    already read is still framed and submitted."""
+    ``stream``. ``mirror_fd`` receives every byte unchanged; ``activity`` tracks progress; ``spill_dir`` is where a
+    backlog past :data:`SPILL_ABOVE_BYTES` goes (``None``: it stays in memory, up to :data:`MAX_UNREAD_BYTES`). If
+    cancelled, every byte already read is still framed and submitted."""
     _grow_pipe(fd)
-    shared = _Shared()
+    shared = _Shared(spill_dir)
     activity = activity or PipeActivity()
     activity._shared = shared
     framer = LineFramer(max_line_bytes)
@@ -173,18 +289,21 @@ async def pump_pipe(
                 await wake.wait()
                 wake = trio.Event()
                 while True:  # frame in slices of SLICE_BYTES: bounded transient memory, readers never starve
-                    chunks: list[bytes] = []
+                    taken: list[bytes | _Spilled] = []
                     size = 0
                     with shared.lock:
                         queued = shared.chunks
                         while queued and size < SLICE_BYTES:
-                            chunk = queued.popleft()
-                            chunks.append(chunk)
-                            size += len(chunk)
-                        shared.unread -= size
+                            item = queued.popleft()
+                            taken.append(item)
+                            size += len(item) if isinstance(item, bytes) else item[1]
                         more = bool(queued)
                         eof = shared.eof and not more
-                        if shared.unread <= MAX_UNREAD_BYTES:
+                    chunks, spilled = _resolve(shared, taken)
+                    with shared.lock:
+                        shared.unread -= size - spilled
+                        shared.spilled -= spilled
+                        if shared.has_room():
                             shared.room.set()
                     if chunks:
                         activity.ticks += 1
@@ -206,7 +325,27 @@ async def pump_pipe(
             with shared.lock:
                 left = list(shared.chunks)
                 shared.chunks.clear()
-            lines = framer.feed(b"".join(left)) if left else []
+            data, _ = _resolve(shared, left)
+            with shared.lock:
+                shared.closed = True
+                if shared.spill is not None:
+                    shared.spill.close()
+            lines = framer.feed(b"".join(data)) if data else []
             lines.extend(framer.finish())
             if lines:
                 consumer.submit(stream, lines)
+
+
+def _resolve(shared: _Shared, items: list[bytes | _Spilled]) -> tuple[list[bytes], int]:
+    """``items`` as bytes (spilled ones read back), and how many of their bytes were spilled."""
+    if all(isinstance(item, bytes) for item in items):
+        return cast("list[bytes]", items), 0
+    out: list[bytes] = []
+    spilled = 0
+    for item in items:
+        if isinstance(item, bytes):
+            out.append(item)
+        else:
+            out.append(_read_spilled(shared, item))
+            spilled += item[1]
+    return out, spilled

@@ -17,6 +17,7 @@ import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Final
 
 import structlog
@@ -72,6 +73,7 @@ async def run_child(
     mirror: bool = True,
     on_signal: Callable[[int], None] | None = None,
     on_started: Callable[[int], None] | None = None,
+    spill_dir: Path | None = None,
 ) -> int:
     """Run ``command`` to completion, forwarding its output to ``consumer``; return our exit status for it.
 
@@ -83,6 +85,8 @@ async def run_child(
         mirror: write the child's bytes unchanged to our own stdout/stderr.
         on_signal: told about each signal passed on (after it was sent).
         on_started: told the child's pid.
+        spill_dir: where a backlog of unframed output goes when the agent writes faster than we shape (see
+            :mod:`forwarder.sources._pipe_thread`); ``None`` keeps it in memory.
 
     Raises:
         CommandNotStartedError: the command does not exist or is not executable.
@@ -131,6 +135,7 @@ async def run_child(
                             max_line_bytes=max_line_bytes,
                             mirror_fd=mirror_fd if mirror else None,
                             activity=activity,
+                            spill_dir=spill_dir,
                         )
                     )
                 returncode = await process.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -175,3 +176,24 @@ def test_child_exit_with_a_backlog_loses_nothing(base_env: dict[str, str], tmp_p
     assert not own_log(result.stderr, "pipes_still_open")
     records = file_records(base_env)
     assert [r["attributes"]["n"] for r in records] == list(range(n))
+
+
+def test_a_burst_larger_than_memory_spills_and_arrives_whole_in_order(base_env: dict[str, str]) -> None:
+    """A child writes 48 MiB at pipe speed, far faster than lines are shaped: the backlog past 16 MiB goes to the
+    spill file in the state directory (logged once), and every line is forwarded once, in order."""
+    count = 48 * 1024 * 1024 // 128
+    script = (
+        "import os, sys\n"
+        f"lines = [b'%09d ' % i + b'x' * 117 + b'\\n' for i in range({count})]\n"
+        "for k in range(0, len(lines), 8192):\n"
+        "    sys.stdout.buffer.write(b''.join(lines[k:k + 8192]))\n"
+    )
+    base_env["FORWARDER_BUFFER"] = "memory"
+    result = run_forwarder(["run", "--no-mirror", "--", sys.executable, "-c", script], base_env, timeout=600)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    [spilling] = own_log(result.stderr, "pipe_spilling")
+    assert spilling["directory"] == base_env["FORWARDER_STATE_DIR"]
+    messages = [r["message"] for r in file_records(base_env)]
+    assert len(messages) == count
+    assert all(m.startswith(f"{i:09d} ") for i, m in enumerate(messages))
+    assert not [name for name in os.listdir(base_env["FORWARDER_STATE_DIR"]) if "spill" in name]  # never named

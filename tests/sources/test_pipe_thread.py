@@ -1,0 +1,101 @@
+"""The pipe reader thread (:mod:`forwarder.sources._pipe_thread`): a backlog past ``SPILL_ABOVE_BYTES`` goes to a
+spill file, so a writer is never held back while shaping is stuck, and every line still arrives in order.
+
+A real pipe, a real writer thread, a consumer whose ``wait_for_room`` blocks until the test releases it."""
+
+from __future__ import annotations
+
+import os
+import threading
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from forwarder.sources import _pipe_thread
+from forwarder.sources._pipe_thread import PipeActivity, pump_pipe
+
+DEADLINE_S = 60.0
+LINE_BYTES = 100
+
+
+class BlockedConsumer:
+    """Takes lines; ``wait_for_room`` blocks until :attr:`release` is set (shaping stuck, e.g. a busy CPU)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.release = trio.Event()
+
+    def submit(self, stream: str, lines: list[str]) -> None:
+        self.lines.extend(lines)
+
+    async def wait_for_room(self) -> None:
+        await self.release.wait()
+
+
+def line(i: int) -> bytes:
+    return f"line {i:09d} ".encode().ljust(LINE_BYTES - 1, b"x") + b"\n"
+
+
+def write_all(fd: int, count: int, done: threading.Event) -> None:
+    """Writer thread: ``count`` lines in 64 KiB writes (each blocks while the pipe is full), then close."""
+    try:
+        batch = 640
+        for start in range(0, count, batch):
+            data = memoryview(b"".join(line(i) for i in range(start, min(count, start + batch))))
+            while data:
+                data = data[os.write(fd, data) :]
+    finally:
+        os.close(fd)
+        done.set()
+
+
+@pytest.mark.parametrize("spill", [True, False])
+async def test_a_writer_finishes_while_shaping_is_stuck_when_the_backlog_spills(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spill: bool
+) -> None:
+    """4 MiB in memory at most, 16 MiB written: with a spill directory the writer finishes before the consumer
+    takes anything past the first slice, the in-memory backlog stays under the threshold plus one read, and every
+    line arrives in order; without one the reader stops at ``MAX_UNREAD_BYTES`` and the writer waits for shaping
+    (the old behaviour, still the fallback)."""
+    monkeypatch.setattr(_pipe_thread, "SPILL_ABOVE_BYTES", 2 * 1024 * 1024)
+    monkeypatch.setattr(_pipe_thread, "MAX_UNREAD_BYTES", 4 * 1024 * 1024)
+    count = 16 * 1024 * 1024 // LINE_BYTES
+    read_fd, write_fd = os.pipe()
+    consumer = BlockedConsumer()
+    activity = PipeActivity()
+    done = threading.Event()
+    most_in_memory = 0
+    with trio.fail_after(DEADLINE_S):
+        async with trio.open_nursery() as nursery:
+            # abandon_on_cancel: a writer stuck on a full pipe must not hang the test when the deadline fails it
+            nursery.start_soon(
+                partial(trio.to_thread.run_sync, write_all, write_fd, count, done, abandon_on_cancel=True)
+            )
+            nursery.start_soon(
+                lambda: pump_pipe(
+                    read_fd,
+                    "stdout",
+                    consumer,
+                    max_line_bytes=1 << 16,
+                    activity=activity,
+                    spill_dir=tmp_path if spill else None,
+                )
+            )
+            if spill:
+                while not done.is_set():  # the writer is never held back by the stuck consumer
+                    await trio.sleep(0.01)
+                    most_in_memory = max(most_in_memory, activity.memory_bytes)
+                assert activity.spilled_bytes > 0
+                assert most_in_memory <= 2 * 1024 * 1024 + _pipe_thread.READ_SIZE
+                assert len(consumer.lines) < count  # nothing past the first slice was taken yet
+            else:
+                while not (activity.memory_bytes > 3 * 1024 * 1024 and not activity.reading):
+                    await trio.sleep(0.01)  # the reader fills memory up to its bound, then stops reading
+                assert not done.is_set()  # so the writer is stuck on the full pipe
+                assert activity.spilled_bytes == 0
+            consumer.release.set()
+    assert done.is_set()
+    assert consumer.lines == [line(i).decode().rstrip("\n") for i in range(count)]
+    assert os.listdir(tmp_path) == []  # the spill file never had a name
