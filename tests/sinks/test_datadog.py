@@ -631,6 +631,8 @@ async def test_wire_format_per_token_kind(httpserver: HTTPServer, ca_file: Path,
     assert arrival.path == INTAKE_PATH
     assert arrival.headers["Content-Encoding"] == "gzip"
     assert arrival.headers["Content-Type"] == "application/json"
+    assert arrival.headers["User-Agent"] == "forwarder/0.1"
+    assert "Cookie" not in arrival.headers
     if token.startswith("pub"):
         assert arrival.query == {"dd-api-key": CLIENT_TOKEN}
         assert "Dd-Api-Key" not in arrival.headers
