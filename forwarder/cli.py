@@ -151,6 +151,7 @@ def _run(config: Config, command: list[str], *, mirror: bool) -> int:
     from forwarder._priority import lower_priority
     from forwarder.app import serve
     from forwarder.pipeline import Ingest
+    from forwarder.sources._pipe_thread import spill_bound
     from forwarder.sources.child import CommandNotStartedError, run_child
 
     def started(_pid: int) -> None:
@@ -165,6 +166,7 @@ def _run(config: Config, command: list[str], *, mirror: bool) -> int:
             mirror=mirror,
             on_started=started,
             spill_dir=config.state_dir,
+            spill_max_bytes=spill_bound(config.spool_max_bytes),
         )
 
     problem = _check_command(command[0])

@@ -8,10 +8,13 @@ Backlog: bytes read but not framed yet stay in memory up to :data:`SPILL_ABOVE_B
 faster than we shape, for longer than a moment) the thread appends what it reads to a spill file instead: an unnamed
 temporary file in the state directory (``O_TMPFILE``: it never has a name, and the kernel frees it when we exit or
 crash), read back in order by the trio side, and truncated once it has been read back whole. So the agent keeps
-writing at pipe speed and our memory stays small whatever the burst. The thread stops reading only when
-:data:`MAX_SPILL_BYTES` are spilled, or when the spill file cannot be written (no state directory, disk full) and
-:data:`MAX_UNREAD_BYTES` are held in memory: the only cases in which the agent can be slowed down, and only by our
-own CPU, never by a destination. Spilled bytes are not durable: like bytes in memory, they are not records yet.
+writing at pipe speed and our memory stays small whatever the burst. The spill file of one pipe holds at most
+``spill_max_bytes`` (:func:`spill_bound`: a quarter of ``FORWARDER_SPOOL_MAX_BYTES``, at most :data:`MAX_SPILL_BYTES`)
+and never more than the free disk minus the spool's margin (checked when the file is created). Past that, or when
+the spill file cannot be written (no state directory, disk full), the backlog grows in memory again, and the thread
+stops reading once :data:`MAX_UNREAD_BYTES` are held there: the only case in which the agent can be slowed down,
+and only by our own CPU, never by a destination. Spilled bytes are not durable: like bytes in memory, they are not
+records yet.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import tempfile
 import threading
 from collections import deque
@@ -30,6 +34,7 @@ from typing import IO, Final, cast
 import structlog
 import trio
 
+from forwarder.delivery.spool import DISK_MARGIN_FRACTION, DISK_MARGIN_MIN_BYTES
 from forwarder.sources._lines import LineFramer
 from forwarder.sources._pump import LineConsumer
 
@@ -42,8 +47,10 @@ full pipe several times per handoff; with 1 MiB it writes on while we catch up."
 SPILL_ABOVE_BYTES: Final = 16 * 1024 * 1024
 """Bytes read but not yet framed held in memory before what is read goes to the spill file instead."""
 MAX_SPILL_BYTES: Final = 1024 * 1024 * 1024
-"""Bytes read but not yet framed held in the spill file; the reader thread waits past this (the agent may then
-block on a full pipe). At ~175 bytes a line that is ~6 million lines of backlog."""
+"""The most bytes one pipe's spill file holds (at ~175 bytes a line, ~6 million lines of backlog)."""
+SPILL_FRACTION_OF_SPOOL: Final = 0.25
+"""A pipe's spill file holds at most this fraction of ``FORWARDER_SPOOL_MAX_BYTES`` (:func:`spill_bound`), so a
+small disk sized for the spool is not filled by a burst."""
 MAX_UNREAD_BYTES: Final = 64 * 1024 * 1024
 """Bytes read but not yet framed held in memory when nothing can be spilled (no spill directory, or the spill file
 could not be written); the reader thread waits past this."""
@@ -53,6 +60,11 @@ SLICE_BYTES: Final = 1024 * 1024
 transient copies stay ~1 MiB and :meth:`~forwarder.sources._pump.LineConsumer.wait_for_room` paces the rest."""
 
 _log = structlog.get_logger("forwarder")
+
+
+def spill_bound(spool_max_bytes: int) -> int:
+    """The spill file bound of one pipe for a spool bound of ``spool_max_bytes``, bytes."""
+    return min(MAX_SPILL_BYTES, int(spool_max_bytes * SPILL_FRACTION_OF_SPOOL))
 
 
 _Spilled = tuple[int, int]
@@ -67,13 +79,14 @@ class _Shared:
     they have been read, so the reader thread may truncate the file when it is 0).
     """
 
-    def __init__(self, spill_dir: Path | None) -> None:
+    def __init__(self, spill_dir: Path | None, spill_max: int) -> None:
         self.lock = threading.Lock()
         self.chunks: deque[bytes | _Spilled] = deque()
         self.unread = 0
         self.spilled = 0
         self.spilled_total = 0
         self.spill_dir = spill_dir
+        self.spill_max = spill_max
         self.spill: IO[bytes] | None = None
         self.spill_end = 0
         self.eof = False
@@ -82,10 +95,16 @@ class _Shared:
         self.room = threading.Event()
         self.room.set()
 
+    def spill_fits(self, size: int) -> bool:
+        """Whether ``size`` more bytes fit in the spill file within ``spill_max`` (its size counts, not only what
+        is still unread: read-back bytes are freed only when the whole file has been read back and it restarts)."""
+        end = 0 if self.spilled == 0 else self.spill_end
+        return end + size <= self.spill_max
+
     def has_room(self) -> bool:
-        """Whether the reader thread may read on (call with ``lock`` held). While spilling works, memory never
-        comes near :data:`MAX_UNREAD_BYTES`."""
-        return self.unread <= MAX_UNREAD_BYTES and self.spilled <= MAX_SPILL_BYTES
+        """Whether the reader thread may read on (call with ``lock`` held). While the spill file takes the
+        backlog, memory never comes near :data:`MAX_UNREAD_BYTES`."""
+        return self.unread <= MAX_UNREAD_BYTES
 
 
 def _write_all(fd: int, data: bytes) -> bool:
@@ -116,20 +135,37 @@ def _grow_pipe(fd: int) -> None:
         pass
 
 
+def _open_spill(shared: _Shared, first: int) -> IO[bytes]:
+    """Create the spill file in ``shared.spill_dir``, lowering ``shared.spill_max`` to the free disk minus the
+    spool's margin (``DISK_MARGIN_MIN_BYTES``, ``DISK_MARGIN_FRACTION``).
+
+    Raises:
+        OSError: the file cannot be created, or not even ``first`` bytes would fit.
+    """
+    assert shared.spill_dir is not None
+    disk = shutil.disk_usage(shared.spill_dir)
+    margin = max(DISK_MARGIN_MIN_BYTES, int(disk.total * DISK_MARGIN_FRACTION))
+    shared.spill_max = min(shared.spill_max, disk.free - margin)
+    if shared.spill_max < first:
+        raise OSError(errno.ENOSPC, f"less than {margin} bytes would be left free on the disk")
+    # Unnamed (O_TMPFILE where supported); closed by pump_pipe, freed by the kernel if we crash.
+    spill = tempfile.TemporaryFile(dir=shared.spill_dir, prefix="pipe-spill-")  # noqa: SIM115
+    _log.info(
+        "pipe_spilling",
+        directory=str(shared.spill_dir),
+        max_bytes=shared.spill_max,
+        hint="the agent writes faster than lines are shaped; the backlog goes to a spill file",
+    )
+    return spill
+
+
 def _spill(shared: _Shared, data: bytes) -> _Spilled | None:
     """Append ``data`` to the spill file (created on first use, truncated first when everything in it was read
     back); its place in the file, or ``None`` if it cannot be written (logged once; spilling is then off). Called
     by the reader thread with ``lock`` held, so the file is never closed under it."""
     try:
         if shared.spill is None:
-            assert shared.spill_dir is not None
-            # Unnamed (O_TMPFILE where supported); closed by pump_pipe, freed by the kernel if we crash.
-            shared.spill = tempfile.TemporaryFile(dir=shared.spill_dir, prefix="pipe-spill-")  # noqa: SIM115
-            _log.info(
-                "pipe_spilling",
-                directory=str(shared.spill_dir),
-                hint="the agent writes faster than lines are shaped; the backlog goes to a spill file",
-            )
+            shared.spill = _open_spill(shared, len(data))
         fd = shared.spill.fileno()
         if shared.spilled == 0 and shared.spill_end > 0:
             os.ftruncate(fd, 0)
@@ -191,6 +227,7 @@ def _reader(fd: int, mirror_fd: int | None, shared: _Shared, notify: Callable[[]
                     and shared.spill_dir is not None
                     and not shared.closed
                     and shared.unread + len(data) > SPILL_ABOVE_BYTES
+                    and shared.spill_fits(len(data))
                 ):
                     place = _spill(shared, data)
                 if place is not None:
@@ -259,13 +296,14 @@ async def pump_pipe(
     mirror_fd: int | None = None,
     activity: PipeActivity | None = None,
     spill_dir: Path | None = None,
+    spill_max_bytes: int = MAX_SPILL_BYTES,
 ) -> None:
     """Read the pipe ``fd`` (blocking mode, owned: closed at EOF) to EOF in a thread; frame and submit its lines as
     ``stream``. ``mirror_fd`` receives every byte unchanged; ``activity`` tracks progress; ``spill_dir`` is where a
-    backlog past :data:`SPILL_ABOVE_BYTES` goes (``None``: it stays in memory, up to :data:`MAX_UNREAD_BYTES`). If
-    cancelled, every byte already read is still framed and submitted."""
+    backlog past :data:`SPILL_ABOVE_BYTES` goes (``None``: it stays in memory, up to :data:`MAX_UNREAD_BYTES`), up to
+    ``spill_max_bytes``. If cancelled, every byte already read is still framed and submitted."""
     _grow_pipe(fd)
-    shared = _Shared(spill_dir)
+    shared = _Shared(spill_dir, spill_max_bytes)
     activity = activity or PipeActivity()
     activity._shared = shared
     framer = LineFramer(max_line_bytes)

@@ -24,7 +24,7 @@ import structlog
 import trio
 
 from forwarder.record import STDERR, STDOUT
-from forwarder.sources._pipe_thread import PipeActivity, pump_pipe
+from forwarder.sources._pipe_thread import MAX_SPILL_BYTES, PipeActivity, pump_pipe
 from forwarder.sources._pump import LineConsumer
 
 FORWARDED_SIGNALS: Final = (
@@ -74,6 +74,7 @@ async def run_child(
     on_signal: Callable[[int], None] | None = None,
     on_started: Callable[[int], None] | None = None,
     spill_dir: Path | None = None,
+    spill_max_bytes: int = MAX_SPILL_BYTES,
 ) -> int:
     """Run ``command`` to completion, forwarding its output to ``consumer``; return our exit status for it.
 
@@ -87,6 +88,7 @@ async def run_child(
         on_started: told the child's pid.
         spill_dir: where a backlog of unframed output goes when the agent writes faster than we shape (see
             :mod:`forwarder.sources._pipe_thread`); ``None`` keeps it in memory.
+        spill_max_bytes: the most one pipe's spill file holds, bytes.
 
     Raises:
         CommandNotStartedError: the command does not exist or is not executable.
@@ -136,6 +138,7 @@ async def run_child(
                             mirror_fd=mirror_fd if mirror else None,
                             activity=activity,
                             spill_dir=spill_dir,
+                            spill_max_bytes=spill_max_bytes,
                         )
                     )
                 returncode = await process.wait()

@@ -6,6 +6,7 @@ A real pipe, a real writer thread, a consumer whose ``wait_for_room`` blocks unt
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from functools import partial
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from forwarder.delivery.spool import DISK_MARGIN_FRACTION, DISK_MARGIN_MIN_BYTES
 from forwarder.sources import _pipe_thread
 from forwarder.sources._pipe_thread import PipeActivity, pump_pipe
 
@@ -51,16 +53,24 @@ def write_all(fd: int, count: int, done: threading.Event) -> None:
         done.set()
 
 
-@pytest.mark.parametrize("spill", [True, False])
+@pytest.mark.parametrize("case", ["spill", "no_spill_dir", "disk_nearly_full"])
 async def test_a_writer_finishes_while_shaping_is_stuck_when_the_backlog_spills(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spill: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
-    """4 MiB in memory at most, 16 MiB written: with a spill directory the writer finishes before the consumer
-    takes anything past the first slice, the in-memory backlog stays under the threshold plus one read, and every
-    line arrives in order; without one the reader stops at ``MAX_UNREAD_BYTES`` and the writer waits for shaping
-    (the old behaviour, still the fallback)."""
+    """2 MiB in memory before spilling, 4 MiB at most, 16 MiB written while the consumer is stuck after its first
+    slice. With a spill directory the writer finishes, memory stays under the threshold plus one read, and the
+    spill file was used. Without one, or when the disk has only 3 MiB above the spool's margin (the spill file is
+    capped there), the reader stops once memory is full and the writer waits on the full pipe (the fallback). In
+    every case each line arrives once, in order, when the consumer is released, and the spill file never had a
+    name."""
     monkeypatch.setattr(_pipe_thread, "SPILL_ABOVE_BYTES", 2 * 1024 * 1024)
     monkeypatch.setattr(_pipe_thread, "MAX_UNREAD_BYTES", 4 * 1024 * 1024)
+    spill_cap = 3 * 1024 * 1024
+    if case == "disk_nearly_full":
+        real = shutil.disk_usage(tmp_path)
+        margin = max(DISK_MARGIN_MIN_BYTES, int(real.total * DISK_MARGIN_FRACTION))
+        fake = type(real)(real.total, real.total - margin - spill_cap, margin + spill_cap)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: fake)
     count = 16 * 1024 * 1024 // LINE_BYTES
     read_fd, write_fd = os.pipe()
     consumer = BlockedConsumer()
@@ -80,22 +90,30 @@ async def test_a_writer_finishes_while_shaping_is_stuck_when_the_backlog_spills(
                     consumer,
                     max_line_bytes=1 << 16,
                     activity=activity,
-                    spill_dir=tmp_path if spill else None,
+                    spill_dir=None if case == "no_spill_dir" else tmp_path,
                 )
             )
-            if spill:
+            if case == "spill":
                 while not done.is_set():  # the writer is never held back by the stuck consumer
                     await trio.sleep(0.01)
                     most_in_memory = max(most_in_memory, activity.memory_bytes)
-                assert activity.spilled_bytes > 0
+                assert activity.spilled_bytes > spill_cap
                 assert most_in_memory <= 2 * 1024 * 1024 + _pipe_thread.READ_SIZE
                 assert len(consumer.lines) < count  # nothing past the first slice was taken yet
             else:
                 while not (activity.memory_bytes > 3 * 1024 * 1024 and not activity.reading):
                     await trio.sleep(0.01)  # the reader fills memory up to its bound, then stops reading
                 assert not done.is_set()  # so the writer is stuck on the full pipe
-                assert activity.spilled_bytes == 0
+                if case == "no_spill_dir":
+                    assert activity.spilled_bytes == 0
+                else:
+                    assert 0 < activity.spilled_bytes <= spill_cap
             consumer.release.set()
     assert done.is_set()
     assert consumer.lines == [line(i).decode().rstrip("\n") for i in range(count)]
     assert os.listdir(tmp_path) == []  # the spill file never had a name
+
+
+def test_spill_bound_is_a_quarter_of_the_spool_at_most_1_gib() -> None:
+    assert _pipe_thread.spill_bound(1024**3) == 256 * 1024**2
+    assert _pipe_thread.spill_bound(64 * 1024**3) == _pipe_thread.MAX_SPILL_BYTES == 1024**3
