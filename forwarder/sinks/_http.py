@@ -55,7 +55,7 @@ class HttpClient:
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             trust_env=False,
         )
-        self._extensions = {"timeout": httpx.Timeout(http.timeout_s).as_dict()}
+        self._timeout = httpx.Timeout(http.timeout_s).as_dict()
 
     async def post(
         self,
@@ -77,7 +77,7 @@ class HttpClient:
             params=params,
             headers={"User-Agent": USER_AGENT, **headers},
             content=content,
-            extensions=self._extensions,
+            extensions={"timeout": self._timeout},  # a dict per request, as httpx.AsyncClient gives
         )
         response = await self._transport.handle_async_request(request)
         try:
