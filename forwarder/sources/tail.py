@@ -53,18 +53,15 @@ class TailSource:
     ``forwarder_checkpoint_lag_bytes``).
     """
 
-    def __init__(self, run: Callable[[TailConsumer, Callable[[Tailer], None]], Awaitable[int]]) -> None:
+    def __init__(self, run: Callable[[TailConsumer], Awaitable[int]], tailer: Tailer | None) -> None:
         self._run = run
-        self._tailer: Tailer | None = None
+        self._tailer = tailer
         self._consumer: TailConsumer | None = None
 
     async def __call__(self, consumer: TailConsumer) -> int:
         """Follow until cancelled (see the class); returns the exit status, 0."""
         self._consumer = consumer
-        return await self._run(consumer, self._started)
-
-    def _started(self, tailer: Tailer) -> None:
-        self._tailer = tailer
+        return await self._run(consumer)
 
     def checkpoint_lag(self) -> dict[str, int]:
         """``path -> bytes`` of each followed file not yet covered by a persisted checkpoint
@@ -151,19 +148,19 @@ def make_tail_source(
         else:
             await read_stdin_container(consumer, fmt=fmt, stream=spec.stream, max_line_bytes=max_line_bytes)
 
-    async def source(consumer: TailConsumer, started: Callable[[Tailer], None]) -> int:
-        if not files:
+    tailer = Tailer(files, fmt=fmt, read_from=start, max_line_bytes=max_line_bytes) if files else None
+
+    async def source(consumer: TailConsumer) -> int:
+        if tailer is None:
             await read_input(consumer)
             return 0
         async with trio.open_nursery() as nursery:
             if stdin:
                 nursery.start_soon(read_input, consumer)
-            tailer = Tailer(files, fmt=fmt, read_from=start, max_line_bytes=max_line_bytes)
-            started(tailer)
             await tailer.run(consumer)
         return 0
 
-    return TailSource(source)
+    return TailSource(source, tailer)
 
 
 async def _read_stdin_raw(consumer: TailConsumer, stream: str, max_line_bytes: int) -> None:
