@@ -22,7 +22,7 @@ import trio
 from forwarder.delivery.buffer import Buffer
 from forwarder.record import Record
 from forwarder.shaping.redact import Redactor
-from forwarder.shaping.shaper import Shaper
+from forwarder.shaping.shaper import Lane, Shaper
 
 MAX_PENDING_BYTES: Final = 4 * 1024 * 1024
 """Lines read but not yet shaped, bytes (approximate: characters). A ``str`` line costs ~50 bytes more than its
@@ -74,12 +74,12 @@ class Ingest:
         self.redactor = redactor
         self.stats = stats or IngestStats()
         self.observers = list(observers)
-        self._pending: list[tuple[str, list[str], list[int] | None, int]] = []
-        self._submitted: Counter[str] = Counter()
-        """Lines submitted so far, per stream."""
-        self._shaped: Counter[str] = Counter()
-        """Lines fed to the shaper so far, per stream."""
-        self._checkpoints: deque[tuple[dict[str, int], dict[str, str]]] = deque()
+        self._pending: list[tuple[Lane, list[str], list[int] | None, int]] = []
+        self._submitted: Counter[Lane] = Counter()
+        """Lines submitted so far, per lane (``(stream, origin)``, as the shaper groups them)."""
+        self._shaped: Counter[Lane] = Counter()
+        """Lines fed to the shaper so far, per lane."""
+        self._checkpoints: deque[tuple[dict[Lane, int], dict[str, str]]] = deque()
         """Checkpoints with the line counts submitted before them, waiting until all those lines are in records."""
         self._pending_bytes = 0
         self._wakeup = trio.Event()
@@ -92,6 +92,7 @@ class Ingest:
         lines: list[str],
         checkpoints: Mapping[str, str] | None = None,
         event_times_ns: list[int] | None = None,
+        origin: str = "",
     ) -> None:
         """Queue ``lines`` of ``stream`` for shaping. Never blocks.
 
@@ -101,11 +102,15 @@ class Ingest:
             checkpoints: source positions that become durable together with the records made from these lines.
             event_times_ns: the time each line states (e.g. a CRI or Docker log timestamp), ns since the epoch, one
                 per line; becomes the records' ``event_time_ns``.
+            origin: where in ``stream`` the lines come from, when several sources share it (a tailed file's path);
+                lines of different origins never join one multi-line record (see
+                :meth:`~forwarder.shaping.shaper.Shaper.feed`).
         """
         if lines:
             size = sum(map(len, lines))
-            self._pending.append((stream, lines, event_times_ns, size))
-            self._submitted[stream] += len(lines)
+            lane = (stream, origin)
+            self._pending.append((lane, lines, event_times_ns, size))
+            self._submitted[lane] += len(lines)
             self._pending_bytes += size
             self.stats.lines[stream] += len(lines)
             self.stats.bytes[stream] += size
@@ -159,14 +164,11 @@ class Ingest:
                 records: list[Record] = []
                 size = 0
                 while index < len(pending) and size < SHAPE_SLICE_BYTES:
-                    stream, lines, times, nbytes = pending[index]
+                    lane, lines, times, nbytes = pending[index]
                     index += 1
                     size += nbytes
-                    self._shaped[stream] += len(lines)
-                    if times is None:
-                        records.extend(shaper.feed(stream, redact(lines), now))
-                    else:
-                        records.extend(shaper.feed(stream, redact(lines), now, times))
+                    self._shaped[lane] += len(lines)
+                    records.extend(shaper.feed(lane[0], redact(lines), now, times, lane[1]))
                 self._pending_bytes -= size
                 self._room.set()  # waiters check their own limit
                 if index < len(pending):
@@ -185,13 +187,13 @@ class Ingest:
 
     def _ready_checkpoints(self) -> dict[str, str]:
         """The checkpoints all of whose lines are in records by now. A line may be held by the shaper (the last
-        text line of a stream waits for a possible continuation): a checkpoint covering it must wait too, or a crash
+        text line of a lane waits for a possible continuation): a checkpoint covering it must wait too, or a crash
         after the checkpoint became durable would lose that line."""
         ready: dict[str, str] = {}
         shaper = self.shaper
         while self._checkpoints:
             marks, checkpoints = self._checkpoints[0]
-            if any(self._shaped[s] - shaper.held(s) < n for s, n in marks.items()):
+            if any(self._shaped[lane] - shaper.held(*lane) < n for lane, n in marks.items()):
                 break
             ready.update(checkpoints)
             self._checkpoints.popleft()

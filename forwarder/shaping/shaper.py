@@ -1,9 +1,10 @@
 """Lines -> records for one source: the composition of multi-line grouping, parsing and level filtering.
 
 This is the interface the pipeline calls (``app.py``); the parts live in ``multiline.py`` (grouping, one
-:class:`~forwarder.shaping.multiline.LineGrouper` per stream), ``parse.py`` (JSON lines, level detection, ANSI,
-timestamps) and ``filter.py`` (minimum level). Lines without event times (the common case) are shaped in one pass
-that groups, parses and filters (``Shaper._shape``); lines with event times go through the grouper's items first.
+:class:`~forwarder.shaping.multiline.LineGrouper` per lane: a stream, or one tailed file's lines of a stream),
+``parse.py`` (JSON lines, level detection, ANSI, timestamps) and ``filter.py`` (minimum level). Lines without
+event times (the common case) are shaped in one pass that groups, parses and filters (``Shaper._shape``); lines with
+event times go through the grouper's items first.
 
 Record attributes set here besides a JSON line's own fields: ``level_original`` (the level as written, when it is
 not the normalised name), ``truncated``/``part``/``last_part`` (pieces of a line cut by framing; every piece gets
@@ -47,6 +48,10 @@ MULTILINE_CAPPED: Final = "multiline_capped"
 _JSON_PART_LEVEL: Final = re.compile(r'"(?:level|levelname|severity)"\s*:\s*"([A-Za-z]{3,11})"')
 _by_time = attrgetter("timestamp_ns")
 
+Lane = tuple[str, str]
+"""``(stream, origin)``: lines grouped together. ``origin`` is ``""`` for a process's own stream, else where the
+lines come from (a tailed file's path)."""
+
 
 class Shaper:
     """Turns framed lines of one source into records.
@@ -78,42 +83,56 @@ class Shaper:
         self.multiline_timeout_ns = int(multiline_timeout_s * 1e9)
         self.max_group_bytes = max_group_bytes
         self.filtered = 0
-        self._groupers: dict[str, LineGrouper] = {}
-        self._part_level: dict[str, tuple[Level, str | None] | None] = {}
-        self._event_times: dict[str, deque[int | None]] = {}  # per stream: times of lines not yet in a record
+        self._groupers: dict[Lane, LineGrouper] = {}
+        self._part_level: dict[Lane, tuple[Level, str | None] | None] = {}
+        self._event_times: dict[Lane, deque[int | None]] = {}  # per lane: times of lines not yet in a record
 
     def feed(
-        self, stream: str, lines: Sequence[str], now_ns: int, event_times_ns: Sequence[int] | None = None
+        self,
+        stream: str,
+        lines: Sequence[str],
+        now_ns: int,
+        event_times_ns: Sequence[int] | None = None,
+        origin: str = "",
     ) -> list[Record]:
         """Shape ``lines`` (in order, from ``stream``, captured at ``now_ns``); return the records that are complete.
 
         Lines may be :class:`~forwarder.sources._lines.LinePart` pieces of a cut line. The last text line of a
-        stream is held until the next line or :meth:`flush_idle` (it may be followed by a continuation).
+        lane is held until the next line of that lane or :meth:`flush_idle` (it may be followed by a continuation).
 
         Args:
             event_times_ns: optional, one per line: the time the line's container states (e.g. a CRI or Docker log
                 timestamp), ns since the epoch. A record takes its first line's time as ``event_time_ns`` unless
                 the line states its own (a JSON ``timestamp``), which wins.
+            origin: where in ``stream`` the lines come from (a tailed file's path; ``""`` for a process's own
+                stream). Lines are grouped into multi-line records only with lines of the same ``(stream, origin)``
+                lane, so two files' lines never end up in one record.
         """
-        grouper = self._groupers.get(stream)
+        lane = (stream, origin)
+        grouper = self._groupers.get(lane)
         if grouper is None:
-            grouper = self._groupers[stream] = LineGrouper(
+            grouper = self._groupers[lane] = LineGrouper(
                 strip_ansi=self.strip_ansi, max_group_bytes=self.max_group_bytes
             )
-        if event_times_ns is None and stream not in self._event_times:
-            return self._shape(stream, grouper, lines, now_ns)  # the common case: one pass
+        if event_times_ns is None and lane not in self._event_times:
+            return self._shape(lane, grouper, lines, now_ns)  # the common case: one pass
         items = grouper.feed(lines, now_ns)
-        queue = self._event_times.setdefault(stream, deque())
+        queue = self._event_times.setdefault(lane, deque())
         queue.extend(repeat(None, len(lines)) if event_times_ns is None else event_times_ns)
         records: list[Record] = []
-        self._records(stream, items, now_ns, None, records)
+        self._records(lane, items, now_ns, None, records)
         _stamp(queue, items, records)
         return self._filter(records)
 
-    def held(self, stream: str) -> int:
-        """Lines of ``stream`` fed but not returned yet (held in an open multi-line group)."""
-        grouper = self._groupers.get(stream)
+    def held(self, stream: str, origin: str = "") -> int:
+        """Lines of the ``(stream, origin)`` lane fed but not returned yet (held in an open multi-line group)."""
+        grouper = self._groupers.get((stream, origin))
         return 0 if grouper is None else grouper.held
+
+    @property
+    def lanes(self) -> int:
+        """Lanes with state (an open group, a cut line in progress, or event times waiting)."""
+        return len(self._groupers)
 
     def flush_idle(self, now_ns: int) -> list[Record]:
         """Close groups idle for at least the multi-line timeout at ``now_ns``; return their records."""
@@ -132,22 +151,28 @@ class Shaper:
 
     def _close(self, deadline_ns: int | None, now_ns: int) -> list[Record]:
         out: list[Record] = []
-        for stream, grouper in self._groupers.items():
+        idle: list[Lane] = []
+        for lane, grouper in self._groupers.items():
             items: list[Item] = []
             if deadline_ns is None:
                 grouper.flush(items)
             else:
                 grouper.flush_due(deadline_ns, items)
             if items:
-                queue = self._event_times.get(stream)
+                queue = self._event_times.get(lane)
                 if queue is None:
-                    self._records(stream, items, now_ns, self.min_level, out)
+                    self._records(lane, items, now_ns, self.min_level, out)
                 else:
                     records: list[Record] = []
-                    self._records(stream, items, now_ns, None, records)
+                    self._records(lane, items, now_ns, None, records)
                     _stamp(queue, items, records)
                     out.extend(self._filter(records))
-        if len(self._groupers) > 1:
+            if lane[1] and not grouper.open and lane not in self._part_level and not self._event_times.get(lane):
+                idle.append(lane)  # a file's lane with nothing held: forgotten (files come and go)
+        for lane in idle:
+            del self._groupers[lane]
+            self._event_times.pop(lane, None)
+        if len(out) > 1 and len(self._groupers) + len(idle) > 1:
             out.sort(key=_by_time)
         return out
 
@@ -156,7 +181,7 @@ class Shaper:
         self.filtered += filtered
         return kept
 
-    def _shape(self, stream: str, grouper: LineGrouper, lines: Sequence[str], now_ns: int) -> list[Record]:
+    def _shape(self, lane: Lane, grouper: LineGrouper, lines: Sequence[str], now_ns: int) -> list[Record]:
         """:meth:`feed` without event times: grouping, parsing and level filtering in one pass over ``lines``.
 
         The common lines are taken here, with the grouper's state read and set directly: a JSON candidate; a plain
@@ -166,6 +191,7 @@ class Shaper:
         :meth:`_records`) before the next record made here, so the order is kept. The result is what
         ``grouper.feed`` then :meth:`_records` give; the shaping tests check both paths.
         """
+        stream = lane[0]
         tags = self.tags
         strip = self.strip_ansi
         floor = self.min_level
@@ -183,7 +209,7 @@ class Shaper:
                     if head is not None:
                         if grouper._lines is None and not grouper._flags:  # a one-line group (as below)
                             filtered += self._one_line_group(
-                                grouper, head, stream, items=items, now_ns=now_ns, floor=floor, out=out
+                                grouper, head, lane, items=items, now_ns=now_ns, floor=floor, out=out
                             )
                             grouper._head = None
                         else:
@@ -191,7 +217,7 @@ class Shaper:
                         if strip and "\x1b" in raw:  # as LineGrouper.push: the line without its ANSI codes
                             line = ANSI.sub("", raw)
                     if items:
-                        self._records(stream, items, now_ns, floor, out)
+                        self._records(lane, items, now_ns, floor, out)
                         items.clear()
                     rec = json_record(line, now_ns, stream, tags, strip)
                     if rec is None:  # not a JSON object: plain text
@@ -219,7 +245,7 @@ class Shaper:
                         if head is not None:
                             if grouper._lines is None and not grouper._flags:  # a one-line group: its record
                                 filtered += self._one_line_group(
-                                    grouper, head, stream, items=items, now_ns=now_ns, floor=floor, out=out
+                                    grouper, head, lane, items=items, now_ns=now_ns, floor=floor, out=out
                                 )
                             else:
                                 grouper._close(items)
@@ -229,7 +255,7 @@ class Shaper:
                         continue
             grouper.push(raw, now_ns, items)
         if items:
-            self._records(stream, items, now_ns, floor, out)
+            self._records(lane, items, now_ns, floor, out)
         self.filtered += filtered
         return out
 
@@ -237,7 +263,7 @@ class Shaper:
         self,
         grouper: LineGrouper,
         head: str,
-        stream: str,
+        lane: Lane,
         *,
         items: list[Item],
         now_ns: int,
@@ -247,8 +273,9 @@ class Shaper:
         """Append the record of ``grouper``'s open one-line group (``head``) to ``out``, after the records of
         ``items`` (which it empties); returns 1 if the record was below ``floor`` (filtered), else 0."""
         if items:
-            self._records(stream, items, now_ns, floor, out)
+            self._records(lane, items, now_ns, floor, out)
             items.clear()
+        stream = lane[0]
         hit = detect_level(grouper._key)
         if hit is None:
             out.append(Record(grouper._first_ns, head, stream, self.tags))
@@ -260,13 +287,14 @@ class Shaper:
             out.append(Record(grouper._first_ns, head, stream, self.tags, hit[0], attrs))
         return 0
 
-    def _records(self, stream: str, items: list[Item], now_ns: int, min_level: Level | None, out: list[Record]) -> None:
+    def _records(self, lane: Lane, items: list[Item], now_ns: int, min_level: Level | None, out: list[Record]) -> None:
         """Append the records for grouper items to ``out``; ``now_ns`` is the capture time of single-line items.
 
         With ``min_level``, records below it are left out and counted in :attr:`filtered` (what
         :func:`~forwarder.shaping.filter.filter_records` does, without building them first); with ``None`` every
         item gives a record (one per item, in order: :func:`_stamp` pairs them).
         """
+        stream = lane[0]
         tags = self.tags
         strip = self.strip_ansi
         append = out.append
@@ -303,7 +331,7 @@ class Shaper:
                 continue
             else:
                 assert isinstance(item, LinePart)
-                rec = self._part_record(stream, item, now_ns)
+                rec = self._part_record(lane, item, now_ns)
             level = rec.level
             if level is None or level >= floor:
                 append(rec)
@@ -321,7 +349,7 @@ class Shaper:
         attrs = None if hit[1] is None else {LEVEL_ORIGINAL: hit[1]}
         return Record(now_ns, message, stream, self.tags, hit[0], attrs)
 
-    def _part_record(self, stream: str, part: LinePart, now_ns: int) -> Record:
+    def _part_record(self, lane: Lane, part: LinePart, now_ns: int) -> Record:
         plain = str.__str__(part)
         text = strip_ansi(plain)
         if part.part == 1:
@@ -336,11 +364,11 @@ class Shaper:
                         hit = (found[0], word if found[1] else None)
             else:
                 hit = detect_level(text)
-            self._part_level[stream] = hit
+            self._part_level[lane] = hit
         else:
-            hit = self._part_level.get(stream)
+            hit = self._part_level.get(lane)
         if part.last:
-            self._part_level.pop(stream, None)
+            self._part_level.pop(lane, None)
         attrs: dict[str, Any] = {TRUNCATED: True, "part": part.part, "last_part": part.last}
         level = None
         if hit is not None:
@@ -348,7 +376,7 @@ class Shaper:
             if hit[1] is not None:
                 attrs[LEVEL_ORIGINAL] = hit[1]
         message = text if self.strip_ansi else plain
-        return Record(now_ns, message, stream, tags=self.tags, level=level, attributes=attrs)
+        return Record(now_ns, message, lane[0], tags=self.tags, level=level, attributes=attrs)
 
 
 def _stamp(queue: deque[int | None], items: list[Item], records: list[Record]) -> None:

@@ -105,8 +105,10 @@ class TailConsumer(Protocol):
         lines: list[str],
         checkpoints: Mapping[str, str] | None = None,
         event_times_ns: list[int] | None = None,
+        origin: str = "",
     ) -> None:
-        """Queue lines (and checkpoints persisted with them); never blocks."""
+        """Queue lines (and checkpoints persisted with them); never blocks. ``origin`` names the file they come
+        from: lines of different origins are never grouped into one multi-line record."""
         ...
 
     async def wait_for_room(self) -> None:
@@ -284,21 +286,22 @@ Reader = _RawReader | _ContainerReader
 
 
 def submit_runs(
-    consumer: TailConsumer, runs: list[Run], checkpoints: Mapping[str, str] | None = None, stream: str = STDOUT
+    consumer: TailConsumer,
+    runs: list[Run],
+    checkpoints: Mapping[str, str] | None = None,
+    stream: str = STDOUT,
+    origin: str = "",
 ) -> None:
-    """Submit ``runs`` in order; ``checkpoints`` go with the last one (or alone, on ``stream``, if there are no
-    lines)."""
+    """Submit ``runs`` (of the file named ``origin``, ``""`` for stdin) in order; ``checkpoints`` go with the last
+    one (or alone, on ``stream``, if there are no lines)."""
     if not runs:
         if checkpoints:
-            consumer.submit(stream, [], checkpoints)
+            consumer.submit(stream, [], checkpoints, origin=origin)
         return
     last = len(runs) - 1
     for i, (run_stream, lines, times) in enumerate(runs):
         cps = checkpoints if i == last else None
-        if times is None:
-            consumer.submit(run_stream, lines, cps)
-        else:
-            consumer.submit(run_stream, lines, cps, event_times_ns=times)
+        consumer.submit(run_stream, lines, cps, event_times_ns=times, origin=origin)
 
 
 def _line_start_near_end(fd: int, size: int) -> int:
@@ -467,6 +470,8 @@ class _Follower:
         self.ident = ident
         self.key = key
         self.path = path
+        self.origin = path
+        """The path the file was opened under (kept after a rotation renames it): its lines' multi-line lane."""
         self.spec = spec
         self.fd = fd
         self.offset = offset
@@ -550,9 +555,9 @@ class _Follower:
             head: list[Run] = runs[:-1]
             if len(lines) > 1:
                 head.append((stream, lines[:-1], None if times is None else times[:-1]))
-            submit_runs(self.consumer, head, self._checkpoint(split), self.spec.stream)
+            submit_runs(self.consumer, head, self._checkpoint(split), self.spec.stream, self.origin)
             runs = [(stream, lines[-1:], None if times is None else times[-1:])]
-        submit_runs(self.consumer, runs, self._checkpoint(self.reader.committed), self.spec.stream)
+        submit_runs(self.consumer, runs, self._checkpoint(self.reader.committed), self.spec.stream, self.origin)
 
     def _checkpoint(self, offset: int) -> dict[str, str] | None:
         """The checkpoint for ``offset`` if it moved (also remembered for a file that is opened again)."""

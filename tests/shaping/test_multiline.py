@@ -406,3 +406,59 @@ def test_grouper_items() -> None:
     assert out == [("z", "z", 5, 0)]
     assert not grouper.open
     assert CAPPED not in (TRACEBACK, 0)
+
+
+# -- lanes: the lines of different tailed files never join one record ------------------------------------------------
+
+
+def test_files_sharing_a_stream_are_grouped_apart() -> None:
+    """A traceback from file A, with a line of file B read in between its lines, is still one record; B's line is
+    its own record (with one grouper per stream, B's line would have been taken as A's exception line)."""
+    shaper = Shaper(TAGS)
+    out: list[Record] = []
+    out += shaper.feed("stdout", TRACEBACK_LINES[:3], 1 * MS, origin="/var/log/a.log")
+    out += shaper.feed("stdout", ["B: room connected"], 2 * MS, origin="/var/log/b.log")
+    out += shaper.feed("stdout", TRACEBACK_LINES[3:], 3 * MS, origin="/var/log/a.log")
+    assert out == []
+    assert shaper.held("stdout", "/var/log/a.log") == len(TRACEBACK_LINES)  # open until a next line or the timeout
+    assert shaper.held("stdout", "/var/log/b.log") == 1
+    assert shaper.held("stdout") == 0
+    out += shaper.flush_idle(3 * MS + TIMEOUT_NS)
+    assert [(r.message, r.level) for r in out] == [
+        ("\n".join(TRACEBACK_LINES), Level.ERROR),
+        ("B: room connected", None),
+    ]
+    assert all(r.stream == "stdout" for r in out)
+
+
+def test_a_files_lane_is_forgotten_once_it_holds_nothing() -> None:
+    """Files come and go (rotation, dated names): a file's lane is dropped when idle and empty, a stream's is kept."""
+    shaper = Shaper(TAGS)
+    shaper.feed("stdout", ["plain"], 1 * MS)
+    for n in range(3):
+        shaper.feed("stdout", [f"from file {n}"], 1 * MS, origin=f"/var/log/app-{n}.log")
+    assert shaper.lanes == 4
+    records = shaper.flush_idle(1 * MS + TIMEOUT_NS)
+    assert sorted(r.message for r in records) == ["from file 0", "from file 1", "from file 2", "plain"]
+    assert shaper.lanes == 1
+    # A forgotten lane starts afresh when its file has lines again.
+    shaper.feed("stdout", TRACEBACK_LINES, 2 * MS, origin="/var/log/app-0.log")
+    assert [r.message for r in shaper.flush()] == ["\n".join(TRACEBACK_LINES)]
+
+
+def test_a_cut_line_keeps_its_level_per_file() -> None:
+    """The pieces of a cut line take the first piece's level; a piece of another file's cut line in between does
+    not change it."""
+    shaper = Shaper(TAGS, min_level=Level.DEBUG)
+    framer_a, framer_b = LineFramer(64), LineFramer(64)
+    a = framer_a.feed(b"ERROR " + b"a" * 100 + b"\n")
+    b = framer_b.feed(b"DEBUG " + b"b" * 100 + b"\n")
+    out: list[Record] = []
+    out += shaper.feed("stdout", a[:1], 1 * MS, origin="a")
+    out += shaper.feed("stdout", b[:1], 1 * MS, origin="b")
+    out += shaper.feed("stdout", a[1:], 1 * MS, origin="a")
+    out += shaper.feed("stdout", b[1:], 1 * MS, origin="b")
+    out += shaper.flush()
+    levels = {(r.message[:1], r.attributes["part"] if r.attributes else 0): r.level for r in out}
+    assert levels[("a", 2)] == Level.ERROR
+    assert levels[("b", 2)] == Level.DEBUG

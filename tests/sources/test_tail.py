@@ -16,6 +16,11 @@ import pytest
 import trio
 
 from forwarder.config import ConfigError, load
+from forwarder.delivery.buffer import MemoryBuffer
+from forwarder.pipeline import Ingest
+from forwarder.record import Level, Record, Tags
+from forwarder.shaping.redact import Redactor
+from forwarder.shaping.shaper import Shaper
 from forwarder.sources._follow import (
     FINGERPRINT_BYTES,
     POLL_INTERVAL_S,
@@ -47,6 +52,8 @@ class Recorder:
     def __init__(self, checkpoints: Mapping[str, str] | None = None) -> None:
         self.buffer = _Store(checkpoints or {})
         self.lines: list[tuple[str, str, int | None]] = []
+        self.origins: list[str] = []
+        """The ``origin`` each line was submitted with."""
         self.checkpoints: dict[str, str] = {}
         self.history: list[tuple[int, dict[str, str]]] = []
         """(number of lines submitted so far, checkpoints) per submit that carried checkpoints."""
@@ -57,10 +64,12 @@ class Recorder:
         lines: list[str],
         checkpoints: Mapping[str, str] | None = None,
         event_times_ns: list[int] | None = None,
+        origin: str = "",
     ) -> None:
         times: list[int | None] = list(event_times_ns) if event_times_ns is not None else [None] * len(lines)
         assert len(times) == len(lines)
         self.lines.extend((stream, line, t) for line, t in zip(lines, times, strict=True))
+        self.origins.extend(origin for _ in lines)
         if checkpoints:
             self.checkpoints.update(checkpoints)
             self.history.append((len(self.lines), dict(checkpoints)))
@@ -200,6 +209,56 @@ async def test_stream_suffix_and_glob(tmp_path: Path, autojump_clock: object) ->
         await wait_until(lambda: len(rec.lines) == 2)
         await trio.sleep(SCAN_INTERVAL_S * 2)
     assert sorted(rec.lines) == [("stderr", "from a", None), ("stderr", "from b", None)]
+
+
+async def test_lines_carry_the_path_of_their_file_as_origin(tmp_path: Path, autojump_clock: object) -> None:
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    a.write_text("from a\n")
+    b.write_text("from b\n")
+    rec = Recorder()
+    async with tailing([spec(tmp_path / "*.log")], rec):
+        await wait_until(lambda: len(rec.lines) == 2)
+    assert sorted(zip(rec.messages(), rec.origins, strict=True)) == [("from a", str(a)), ("from b", str(b))]
+
+
+async def test_a_traceback_stays_whole_when_another_file_writes_in_between(
+    tmp_path: Path, autojump_clock: object
+) -> None:
+    """Two followed files, one shaper: the real Tailer feeding the real Ingest. File A's traceback is read in two
+    parts with a line of file B read in between; A's traceback is still one record and B's line its own."""
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    a.write_text("")
+    b.write_text("")
+    buffer = MemoryBuffer(10**9)
+    buffer.register(["d"])
+    records: list[Record] = []
+    shaper = Shaper(Tags("h", "s", "svc"), multiline_timeout_s=30)
+    ingest = Ingest(shaper, buffer, Redactor(), observers=[records.extend])
+    tailer = Tailer([spec(tmp_path / "*.log")], fmt="raw", read_from="head", max_line_bytes=1 << 16)
+    traceback = [
+        "Traceback (most recent call last):",
+        '  File "/app/agent.py", line 12, in entrypoint',
+        "    raise KeyError(name)",
+        "KeyError: 'missing'",
+    ]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ingest.run)
+        nursery.start_soon(tailer.run, ingest)
+        for path, lines, total in ((a, traceback[:2], 2), (b, ["room connected"], 3), (a, traceback[2:], 5)):
+            append(path, "".join(f"{line}\n" for line in lines).encode())
+
+            def read_all(total: int = total) -> bool:
+                return ingest.stats.lines["stdout"] == total
+
+            await wait_until(read_all, f"{total} lines read")
+        assert records == []  # every group is still open: 30 s of multi-line timeout
+        ingest.close()
+        await wait_until(lambda: len(records) == 2, "both records")
+        nursery.cancel_scope.cancel()
+    assert sorted((r.message, r.level) for r in records) == [
+        ("\n".join(traceback), Level.ERROR),
+        ("room connected", None),
+    ]
 
 
 async def test_new_file_is_picked_up_within_the_scan_interval(tmp_path: Path, autojump_clock: object) -> None:
