@@ -8,9 +8,10 @@ Backlog: bytes read but not framed yet stay in memory up to :data:`SPILL_ABOVE_B
 faster than we shape, for longer than a moment) the thread appends what it reads to a spill file instead: an unnamed
 temporary file in the state directory (``O_TMPFILE``: it never has a name, and the kernel frees it when we exit or
 crash), read back in order by the trio side, and truncated once it has been read back whole. So the agent keeps
-writing at pipe speed and our memory stays small whatever the burst. The spill file of one pipe holds at most
-``spill_max_bytes`` (:func:`spill_bound`: a quarter of ``FORWARDER_SPOOL_MAX_BYTES``, at most :data:`MAX_SPILL_BYTES`)
-and never more than the free disk minus the spool's margin (checked when the file is created). Past that, or when
+writing at pipe speed and our memory stays small whatever the burst. The spill files of one agent's pipes share one
+:class:`SpillBudget`: together they hold at most :func:`spill_bound` (a quarter of ``FORWARDER_SPOOL_MAX_BYTES``, at
+most :data:`MAX_SPILL_BYTES`) and never more than the free disk minus the spool's margin (checked when a file is
+created). Past that, or when
 the spill file cannot be written (no state directory, disk full), the backlog grows in memory again, and the thread
 stops reading once :data:`MAX_UNREAD_BYTES` are held there: the only case in which the agent can be slowed down,
 and only by our own CPU, never by a destination. Spilled bytes are not durable: like bytes in memory, they are not
@@ -47,10 +48,11 @@ full pipe several times per handoff; with 1 MiB it writes on while we catch up."
 SPILL_ABOVE_BYTES: Final = 16 * 1024 * 1024
 """Bytes read but not yet framed held in memory before what is read goes to the spill file instead."""
 MAX_SPILL_BYTES: Final = 1024 * 1024 * 1024
-"""The most bytes one pipe's spill file holds (at ~175 bytes a line, ~6 million lines of backlog)."""
+"""The most bytes the spill files of one agent's pipes hold together (at ~175 bytes a line, ~6 million lines of
+backlog)."""
 SPILL_FRACTION_OF_SPOOL: Final = 0.25
-"""A pipe's spill file holds at most this fraction of ``FORWARDER_SPOOL_MAX_BYTES`` (:func:`spill_bound`), so a
-small disk sized for the spool is not filled by a burst."""
+"""The spill files of one agent's pipes hold together at most this fraction of ``FORWARDER_SPOOL_MAX_BYTES``
+(:func:`spill_bound`), so a small disk sized for the spool is not filled by a burst."""
 MAX_UNREAD_BYTES: Final = 64 * 1024 * 1024
 """Bytes read but not yet framed held in memory when nothing can be spilled (no spill directory, or the spill file
 could not be written); the reader thread waits past this."""
@@ -63,8 +65,41 @@ _log = structlog.get_logger("forwarder")
 
 
 def spill_bound(spool_max_bytes: int) -> int:
-    """The spill file bound of one pipe for a spool bound of ``spool_max_bytes``, bytes."""
+    """The bound of the spill files of one agent's pipes together, for a spool bound of ``spool_max_bytes``, bytes."""
     return min(MAX_SPILL_BYTES, int(spool_max_bytes * SPILL_FRACTION_OF_SPOOL))
+
+
+class SpillBudget:
+    """The bytes the spill files of several pipes (one agent's stdout and stderr) may take on disk together.
+
+    Each pipe counts its file's size (what it occupies, read back or not) here before it writes; thread-safe.
+
+    Args:
+        max_bytes: the bound, bytes (:func:`spill_bound`); lowered by :meth:`clamp_to_disk`.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.used = 0
+        """Bytes counted by the pipes now."""
+        self._lock = threading.Lock()
+
+    def adjust(self, delta: int) -> bool:
+        """Count ``delta`` more bytes (negative: fewer); refused (``False``, nothing counted) if that would take
+        :attr:`used` past :attr:`max_bytes`. A decrease is always taken."""
+        with self._lock:
+            if delta > 0 and self.used + delta > self.max_bytes:
+                return False
+            self.used += delta
+            return True
+
+    def clamp_to_disk(self, free: int, margin: int) -> int:
+        """Lower :attr:`max_bytes` so that the files grow by at most ``free - margin`` bytes past :attr:`used`
+        (``free``: the disk's free bytes, less any bytes counted in :attr:`used` but not written yet); returns the
+        room left, bytes (negative: even what is counted does not fit)."""
+        with self._lock:
+            self.max_bytes = min(self.max_bytes, self.used + free - margin)
+            return self.max_bytes - self.used
 
 
 _Spilled = tuple[int, int]
@@ -79,14 +114,16 @@ class _Shared:
     they have been read, so the reader thread may truncate the file when it is 0).
     """
 
-    def __init__(self, spill_dir: Path | None, spill_max: int) -> None:
+    def __init__(self, spill_dir: Path | None, budget: SpillBudget) -> None:
         self.lock = threading.Lock()
         self.chunks: deque[bytes | _Spilled] = deque()
         self.unread = 0
         self.spilled = 0
         self.spilled_total = 0
         self.spill_dir = spill_dir
-        self.spill_max = spill_max
+        self.budget = budget
+        self.counted = 0
+        """Bytes of the spill file counted in ``budget``."""
         self.spill: IO[bytes] | None = None
         self.spill_end = 0
         self.eof = False
@@ -96,10 +133,19 @@ class _Shared:
         self.room.set()
 
     def spill_fits(self, size: int) -> bool:
-        """Whether ``size`` more bytes fit in the spill file within ``spill_max`` (its size counts, not only what
-        is still unread: read-back bytes are freed only when the whole file has been read back and it restarts)."""
+        """Whether ``size`` more bytes fit in the spill file within the budget shared with the agent's other pipe;
+        if so they are counted there. The file's size counts, not only what is still unread: read-back bytes are
+        freed only when the whole file has been read back and it restarts (call with ``lock`` held)."""
         end = 0 if self.spilled == 0 else self.spill_end
-        return end + size <= self.spill_max
+        if not self.budget.adjust(end + size - self.counted):
+            return False
+        self.counted = end + size
+        return True
+
+    def release(self) -> None:
+        """Uncount the spill file from the budget (it is closed, or could not be written)."""
+        self.budget.adjust(-self.counted)
+        self.counted = 0
 
     def has_room(self) -> bool:
         """Whether the reader thread may read on (call with ``lock`` held). While the spill file takes the
@@ -136,8 +182,8 @@ def _grow_pipe(fd: int) -> None:
 
 
 def _open_spill(shared: _Shared, first: int) -> IO[bytes]:
-    """Create the spill file in ``shared.spill_dir``, lowering ``shared.spill_max`` to the free disk minus the
-    spool's margin (``DISK_MARGIN_MIN_BYTES``, ``DISK_MARGIN_FRACTION``).
+    """Create the spill file in ``shared.spill_dir``, lowering the shared budget to what the free disk minus the
+    spool's margin (``DISK_MARGIN_MIN_BYTES``, ``DISK_MARGIN_FRACTION``) allows.
 
     Raises:
         OSError: the file cannot be created, or not even ``first`` bytes would fit.
@@ -145,15 +191,15 @@ def _open_spill(shared: _Shared, first: int) -> IO[bytes]:
     assert shared.spill_dir is not None
     disk = shutil.disk_usage(shared.spill_dir)
     margin = max(DISK_MARGIN_MIN_BYTES, int(disk.total * DISK_MARGIN_FRACTION))
-    shared.spill_max = min(shared.spill_max, disk.free - margin)
-    if shared.spill_max < first:
+    # The first write's bytes are counted in the budget already (spill_fits) but are not on the disk yet.
+    if shared.budget.clamp_to_disk(disk.free - first, margin) < 0:
         raise OSError(errno.ENOSPC, f"less than {margin} bytes would be left free on the disk")
     # Unnamed (O_TMPFILE where supported); closed by pump_pipe, freed by the kernel if we crash.
     spill = tempfile.TemporaryFile(dir=shared.spill_dir, prefix="pipe-spill-")  # noqa: SIM115
     _log.info(
         "pipe_spilling",
         directory=str(shared.spill_dir),
-        max_bytes=shared.spill_max,
+        max_bytes=shared.budget.max_bytes,
         hint="the agent writes faster than lines are shaped; the backlog goes to a spill file",
     )
     return spill
@@ -177,6 +223,8 @@ def _spill(shared: _Shared, data: bytes) -> _Spilled | None:
     except OSError as exc:
         _log.warning("pipe_spill_failed", directory=str(shared.spill_dir), error=str(exc))
         shared.spill_dir = None
+        shared.budget.adjust(-len(data))  # counted by spill_fits, never written
+        shared.counted -= len(data)
         return None
     shared.spill_end = offset + len(data)
     return (offset, len(data))
@@ -296,14 +344,15 @@ async def pump_pipe(
     mirror_fd: int | None = None,
     activity: PipeActivity | None = None,
     spill_dir: Path | None = None,
-    spill_max_bytes: int = MAX_SPILL_BYTES,
+    spill_budget: SpillBudget | None = None,
 ) -> None:
     """Read the pipe ``fd`` (blocking mode, owned: closed at EOF) to EOF in a thread; frame and submit its lines as
     ``stream``. ``mirror_fd`` receives every byte unchanged; ``activity`` tracks progress; ``spill_dir`` is where a
-    backlog past :data:`SPILL_ABOVE_BYTES` goes (``None``: it stays in memory, up to :data:`MAX_UNREAD_BYTES`), up to
-    ``spill_max_bytes``. If cancelled, every byte already read is still framed and submitted."""
+    backlog past :data:`SPILL_ABOVE_BYTES` goes (``None``: it stays in memory, up to :data:`MAX_UNREAD_BYTES`), within
+    ``spill_budget`` (shared with the agent's other pipe; default: one of :data:`MAX_SPILL_BYTES` for this pipe). If
+    cancelled, every byte already read is still framed and submitted."""
     _grow_pipe(fd)
-    shared = _Shared(spill_dir, spill_max_bytes)
+    shared = _Shared(spill_dir, spill_budget or SpillBudget(MAX_SPILL_BYTES))
     activity = activity or PipeActivity()
     activity._shared = shared
     framer = LineFramer(max_line_bytes)
@@ -368,6 +417,7 @@ async def pump_pipe(
                 shared.closed = True
                 if shared.spill is not None:
                     shared.spill.close()
+                shared.release()
             lines = framer.feed(b"".join(data)) if data else []
             lines.extend(framer.finish())
             if lines:

@@ -24,7 +24,7 @@ import structlog
 import trio
 
 from forwarder.record import STDERR, STDOUT
-from forwarder.sources._pipe_thread import MAX_SPILL_BYTES, PipeActivity, pump_pipe
+from forwarder.sources._pipe_thread import MAX_SPILL_BYTES, PipeActivity, SpillBudget, pump_pipe
 from forwarder.sources._pump import LineConsumer
 
 FORWARDED_SIGNALS: Final = (
@@ -88,7 +88,7 @@ async def run_child(
         on_started: told the child's pid.
         spill_dir: where a backlog of unframed output goes when the agent writes faster than we shape (see
             :mod:`forwarder.sources._pipe_thread`); ``None`` keeps it in memory.
-        spill_max_bytes: the most one pipe's spill file holds, bytes.
+        spill_max_bytes: the most the spill files of the child's two pipes hold together, bytes.
 
     Raises:
         CommandNotStartedError: the command does not exist or is not executable.
@@ -123,6 +123,7 @@ async def run_child(
 
             nursery.start_soon(relay_signals)
             activities = (PipeActivity(), PipeActivity())
+            budget = SpillBudget(spill_max_bytes)
             async with trio.open_nursery() as readers:
                 for read_fd, stream, mirror_fd, activity in (
                     (out_read, STDOUT, 1, activities[0]),
@@ -138,7 +139,7 @@ async def run_child(
                             mirror_fd=mirror_fd if mirror else None,
                             activity=activity,
                             spill_dir=spill_dir,
-                            spill_max_bytes=spill_max_bytes,
+                            spill_budget=budget,
                         )
                     )
                 returncode = await process.wait()

@@ -16,7 +16,7 @@ import trio
 
 from forwarder.delivery.spool import DISK_MARGIN_FRACTION, DISK_MARGIN_MIN_BYTES
 from forwarder.sources import _pipe_thread
-from forwarder.sources._pipe_thread import PipeActivity, pump_pipe
+from forwarder.sources._pipe_thread import PipeActivity, SpillBudget, pump_pipe
 
 DEADLINE_S = 60.0
 LINE_BYTES = 100
@@ -117,3 +117,51 @@ async def test_a_writer_finishes_while_shaping_is_stuck_when_the_backlog_spills(
 def test_spill_bound_is_a_quarter_of_the_spool_at_most_1_gib() -> None:
     assert _pipe_thread.spill_bound(1024**3) == 256 * 1024**2
     assert _pipe_thread.spill_bound(64 * 1024**3) == _pipe_thread.MAX_SPILL_BYTES == 1024**3
+
+
+async def test_the_agents_two_pipes_share_one_spill_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """stdout and stderr both burst 16 MiB while shaping is stuck; their spill files share a 6 MiB budget: together
+    they never hold more, each reader then stops once its memory is full, and when shaping resumes every line of
+    both pipes arrives in order and the budget is given back."""
+    monkeypatch.setattr(_pipe_thread, "SPILL_ABOVE_BYTES", 2 * 1024 * 1024)
+    monkeypatch.setattr(_pipe_thread, "MAX_UNREAD_BYTES", 4 * 1024 * 1024)
+    budget = SpillBudget(6 * 1024 * 1024)
+    count = 16 * 1024 * 1024 // LINE_BYTES
+    pipes = [os.pipe() for _ in range(2)]
+    consumers = [BlockedConsumer(), BlockedConsumer()]
+    activities = [PipeActivity(), PipeActivity()]
+    dones = [threading.Event(), threading.Event()]
+    with trio.fail_after(DEADLINE_S):
+        async with trio.open_nursery() as nursery:
+            for (read_fd, write_fd), consumer, activity, done, stream in zip(
+                pipes, consumers, activities, dones, ("stdout", "stderr"), strict=True
+            ):
+                nursery.start_soon(
+                    partial(trio.to_thread.run_sync, write_all, write_fd, count, done, abandon_on_cancel=True)
+                )
+                nursery.start_soon(
+                    partial(
+                        pump_pipe,
+                        read_fd,
+                        stream,
+                        consumer,
+                        max_line_bytes=1 << 16,
+                        activity=activity,
+                        spill_dir=tmp_path,
+                        spill_budget=budget,
+                    )
+                )
+            while not all(a.memory_bytes > 3 * 1024 * 1024 and not a.reading for a in activities):
+                await trio.sleep(0.01)
+                assert budget.used <= budget.max_bytes
+            assert not any(d.is_set() for d in dones)  # both writers wait on their full pipes
+            spilled = [a.spilled_bytes for a in activities]
+            assert all(s > 0 for s in spilled)
+            assert sum(spilled) <= budget.max_bytes == 6 * 1024 * 1024
+            assert budget.used == sum(spilled)
+            for consumer in consumers:
+                consumer.release.set()
+    assert all(d.is_set() for d in dones)
+    expected = [line(i).decode().rstrip("\n") for i in range(count)]
+    assert [c.lines for c in consumers] == [expected, expected]
+    assert budget.used == 0
