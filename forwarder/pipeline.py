@@ -79,6 +79,10 @@ class Ingest:
         """Lines submitted so far, per lane (``(stream, origin)``, as the shaper groups them)."""
         self._shaped: Counter[Lane] = Counter()
         """Lines fed to the shaper so far, per lane."""
+        self._unsettled: dict[Lane, None] = {}
+        """Lanes that may have lines not yet in records (not shaped yet, or held by the shaper). A lane found settled
+        is forgotten, counters included (a tailed file's path is a lane, and files come and go); its counts start
+        again at 0 if it comes back."""
         self._checkpoints: deque[tuple[dict[Lane, int], dict[str, str]]] = deque()
         """Checkpoints with the line counts submitted before them, waiting until all those lines are in records."""
         self._pending_bytes = 0
@@ -111,11 +115,14 @@ class Ingest:
             lane = (stream, origin)
             self._pending.append((lane, lines, event_times_ns, size))
             self._submitted[lane] += len(lines)
+            self._unsettled[lane] = None
             self._pending_bytes += size
             self.stats.lines[stream] += len(lines)
             self.stats.bytes[stream] += size
         if checkpoints:
-            self._checkpoints.append((dict(self._submitted), dict(checkpoints)))
+            # Only unsettled lanes can hold back a checkpoint: every line of the others is in records already.
+            submitted = self._submitted
+            self._checkpoints.append(({lane: submitted[lane] for lane in self._unsettled}, dict(checkpoints)))
         self._wakeup.set()
 
     async def wait_for_room(self) -> None:
@@ -191,6 +198,7 @@ class Ingest:
         after the checkpoint became durable would lose that line."""
         ready: dict[str, str] = {}
         shaper = self.shaper
+        self._settle()
         while self._checkpoints:
             marks, checkpoints = self._checkpoints[0]
             if any(self._shaped[lane] - shaper.held(*lane) < n for lane, n in marks.items()):
@@ -198,6 +206,23 @@ class Ingest:
             ready.update(checkpoints)
             self._checkpoints.popleft()
         return ready
+
+    def _settle(self) -> None:
+        """Forget the lanes all of whose lines are in records: their counters, and their marks in the waiting
+        checkpoints (which they no longer hold back). Keeps the work per checkpoint proportional to the lanes in
+        use, not to every file ever followed."""
+        shaper = self.shaper
+        submitted, shaped = self._submitted, self._shaped
+        settled = [
+            lane for lane in self._unsettled if shaped[lane] == submitted[lane] and not shaper.held(lane[0], lane[1])
+        ]
+        if not settled:
+            return
+        for lane in settled:
+            del self._unsettled[lane], submitted[lane], shaped[lane]
+        for marks, _ in self._checkpoints:
+            for lane in settled:
+                marks.pop(lane, None)
 
     async def _append(self, records: list[Record], checkpoints: dict[str, str]) -> None:
         self.stats.filtered = self.shaper.filtered

@@ -1,4 +1,6 @@
-"""The ingest path's flow control: readers wait for room together, and paced sources wait for delivery."""
+"""The ingest path: readers wait for room together, paced sources wait for delivery, and a checkpoint becomes
+durable only once every line before it is in a record, with per-file bookkeeping that does not grow with every file
+ever followed."""
 
 from __future__ import annotations
 
@@ -16,6 +18,12 @@ TAGS = Tags("h", "s", "svc")
 
 def make_ingest(buffer: MemoryBuffer) -> Ingest:
     return Ingest(Shaper(TAGS), buffer, Redactor())
+
+
+def tracked_lanes(ingest: Ingest) -> int:
+    """Lanes the ingest path keeps counters or checkpoint marks for (its private bookkeeping, checked directly)."""
+    marks = {lane for m, _ in ingest._checkpoints for lane in m}
+    return len(set(ingest._submitted) | set(ingest._shaped) | set(ingest._unsettled) | marks)
 
 
 async def test_every_reader_waiting_for_room_is_released(autojump_clock: trio.testing.MockClock) -> None:
@@ -69,3 +77,49 @@ async def test_wait_for_delivery_follows_the_destination(autojump_clock: trio.te
             await buffer.ack("a", chunk.id)
         ingest.close()
     assert PACED_PENDING_BYTES <= MAX_PENDING_BYTES
+
+
+async def test_lanes_of_files_done_with_are_forgotten() -> None:
+    # A node's pod logs: every container instance is a new path. Once all of a file's lines are in records, the
+    # ingest path keeps nothing for it, so a checkpoint costs the same after 1,000 files as after one.
+    buffer = MemoryBuffer(10**9)
+    buffer.register(["a"])
+    ingest = Ingest(Shaper(TAGS, multiline_timeout_s=3600), buffer, Redactor())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ingest.run)
+        for i in range(1000):
+            line = f'{{"message": "m{i}", "level": "info"}}'  # a JSON line is never held for a continuation
+            ingest.submit("stdout", [line], {f"tail:{i}": str(i)}, origin=f"/var/log/pods/{i}.log")
+            if i % 100 == 99:
+                await trio.testing.wait_all_tasks_blocked()
+                assert len(buffer.load_checkpoints()) == i + 1
+                assert tracked_lanes(ingest) == 0
+        ingest.close()
+    assert buffer.stored_chunks() > 0
+
+
+async def test_a_forgotten_lane_that_comes_back_still_holds_back_its_checkpoint() -> None:
+    buffer = MemoryBuffer(10**9)
+    buffer.register(["a"])
+    ingest = Ingest(Shaper(TAGS, multiline_timeout_s=3600), buffer, Redactor())
+    messages: list[str] = []
+    ingest.observers.append(lambda records: messages.extend(r.message for r in records))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ingest.run)
+        ingest.submit("stdout", ['{"message": "a1"}'], {"a": "1"}, origin="/logs/a.log")
+        await trio.testing.wait_all_tasks_blocked()
+        assert buffer.load_checkpoints() == {"a": "1"} and tracked_lanes(ingest) == 0
+
+        # The same file again (counts start over): its last text line is held for a possible continuation, and the
+        # checkpoint past it must wait for it; so must a later checkpoint of another file (they stay in order).
+        ingest.submit("stdout", ["a2 plain text"], {"a": "2"}, origin="/logs/a.log")
+        ingest.submit("stdout", ['{"message": "b1"}'], {"b": "1"}, origin="/logs/b.log")
+        await trio.testing.wait_all_tasks_blocked()
+        assert messages == ["a1", "b1"]
+        assert buffer.load_checkpoints() == {"a": "1"}
+        assert tracked_lanes(ingest) == 1  # b's lane is forgotten; a's is held
+
+        ingest.close()
+    assert messages == ["a1", "b1", "a2 plain text"]
+    assert buffer.load_checkpoints() == {"a": "2", "b": "1"}
+    assert tracked_lanes(ingest) == 0
