@@ -22,6 +22,9 @@ import trio
 from forwarder.record import Record
 
 SPOOL_FULL: Final = "spool_full"
+CHECKPOINT_REMOVED: Final = ""
+"""A checkpoint value that removes its key instead of storing it: for a source that will never be resumed (a tailed
+file that was deleted), so that checkpoints do not pile up for every file ever followed."""
 RECORD_OVERHEAD_BYTES: Final = 64
 """Approximate per-record cost beyond its message, used for byte accounting of in-memory chunks."""
 STALLED_AFTER_S: Final = 2.0
@@ -64,7 +67,7 @@ class Buffer(Protocol):
         """Add records (in order). Never waits on a destination; may discard the oldest chunks when full.
 
         ``checkpoints`` (source position per key, e.g. a tailed file's identity -> offset) become durable together
-        with these records, never before them.
+        with these records, never before them; a key mapped to :data:`CHECKPOINT_REMOVED` is removed with them.
         """
         ...
 
@@ -167,6 +170,16 @@ def _in_trio() -> bool:
     return True
 
 
+def apply_checkpoints(stored: dict[str, str], checkpoints: Mapping[str, str]) -> None:
+    """Update ``stored`` with ``checkpoints``: set each key, or remove it when its value is
+    :data:`CHECKPOINT_REMOVED`."""
+    for key, value in checkpoints.items():
+        if value == CHECKPOINT_REMOVED:
+            stored.pop(key, None)
+        else:
+            stored[key] = value
+
+
 def records_size(records: Sequence[Record]) -> int:
     """Approximate bytes of ``records``: message lengths plus :data:`RECORD_OVERHEAD_BYTES` each."""
     return sum(map(len, map(_message, records))) + RECORD_OVERHEAD_BYTES * len(records)
@@ -210,7 +223,7 @@ class MemoryBuffer:
 
     async def append(self, records: list[Record], checkpoints: Mapping[str, str] | None = None) -> None:
         if checkpoints:
-            self._checkpoints.update(checkpoints)
+            apply_checkpoints(self._checkpoints, checkpoints)
         if not records:
             return
         if self._closed:

@@ -6,6 +6,7 @@ file per chunk holding its data, ``chunks/<id>.chunk`` (as Fluent Bit's and Vect
     chunks(id INTEGER PRIMARY KEY AUTOINCREMENT, created, n_records, bytes, data BLOB)   -- append-only log
     cursors(destination PRIMARY KEY, acked_id)     -- last chunk each destination acknowledged
     checkpoints(key PRIMARY KEY, value)            -- source positions (tailed files), stored with their records
+                                                   -- (a value of CHECKPOINT_REMOVED deletes its row instead)
 
 A row's ``data`` is empty when the chunk's data is in its file (every chunk written by this version); a spool
 written by an earlier version keeps its data in the row, which is read as it is. Chunk data in files rather than in
@@ -106,6 +107,7 @@ import trio
 from isal import isal_zlib
 
 from forwarder.delivery.buffer import (
+    CHECKPOINT_REMOVED,
     MAX_READ_LAG_CHUNKS,
     RECORD_OVERHEAD_BYTES,
     SPOOL_FULL,
@@ -113,6 +115,7 @@ from forwarder.delivery.buffer import (
     Chunk,
     DropCallback,
     ReadPacer,
+    apply_checkpoints,
     records_size,
 )
 from forwarder.record import Level, Record, Tags
@@ -562,7 +565,11 @@ class _Store:
                     w.executemany(
                         "INSERT INTO checkpoints (key, value) VALUES (?, ?) "
                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                        list(checkpoints.items()),
+                        [(k, v) for k, v in checkpoints.items() if v != CHECKPOINT_REMOVED],
+                    )
+                    w.executemany(
+                        "DELETE FROM checkpoints WHERE key = ?",
+                        [(k,) for k, v in checkpoints.items() if v == CHECKPOINT_REMOVED],
                     )
                 w.execute("COMMIT")
             except BaseException:
@@ -1137,7 +1144,7 @@ class Spool:
 
     def _applied(self, chunks: list[Chunk], checkpoints: dict[str, str], result: _WriteResult) -> None:
         """Bring the in-memory state in line with a committed write."""
-        self._checkpoints.update(checkpoints)
+        apply_checkpoints(self._checkpoints, checkpoints)
         evicted_ids = {cid for cid, _ in result.evicted}
         for chunk in chunks:
             n = len(chunk.records)

@@ -27,7 +27,9 @@ How a file is followed (all intervals are named constants below):
   truncation (plus scheduling delay); logrotate's own race (lines written between its copy and its truncate) is
   lost for every reader.
 * **Deletion**: a file whose link count is 0 is read to its end and closed after :data:`ROTATE_WAIT_S` without
-  growth; its checkpoint is marked deleted so a new file that reuses the inode is never resumed.
+  growth; its checkpoint is removed (with its last records): it can never be reopened, and a new file that reuses
+  the inode must not be resumed. Checkpoints therefore do not pile up for every file ever followed (pod logs,
+  dated files). A checkpoint marked deleted by an earlier version is removed at start.
 * **Checkpoints**: after each block the file's position (``{"offset", "fp", "fp_len", "path"}`` JSON under the
   key ``tail:<st_dev>:<st_ino>``) is passed with the lines to ``submit``; the pipeline persists it in the same
   spool transaction as the records made from those lines. The offset covers only complete lines already submitted
@@ -55,6 +57,7 @@ import orjson
 import structlog
 import trio
 
+from forwarder.delivery.buffer import CHECKPOINT_REMOVED
 from forwarder.record import STDOUT
 from forwarder.sources._container import ByteLines, ContainerDecoder, Event, make_decoder
 from forwarder.sources._lines import LineFramer
@@ -138,7 +141,8 @@ class Position:
         fp: hex BLAKE2b-64 digest of the first ``fp_len`` bytes.
         fp_len: how many bytes the fingerprint covers (at most :data:`FINGERPRINT_BYTES`).
         path: where the file was last seen (informational).
-        deleted: the file was deleted and closed: its inode may be reused, never resume it.
+        deleted: written by earlier versions for a deleted file (whose checkpoint is now removed instead): never
+            resume it.
     """
 
     offset: int
@@ -339,11 +343,16 @@ class Tailer:
 
     async def run(self, consumer: TailConsumer) -> None:
         """Scan and follow until cancelled."""
+        stale: dict[str, str] = {}
         for key, value in consumer.buffer.load_checkpoints().items():
             if key.startswith(CHECKPOINT_PREFIX):
                 pos = Position.loads(value)
-                if pos is not None:
+                if pos is not None and pos.deleted:
+                    stale[key] = CHECKPOINT_REMOVED  # an earlier version's mark for a deleted file
+                elif pos is not None:
                     self.positions[key] = pos
+        if stale:
+            consumer.submit(STDOUT, [], stale)
         async with trio.open_nursery() as nursery:
             initial = True
             while True:
@@ -564,7 +573,10 @@ class _Follower:
         if offset == self.committed:
             return None
         self.committed = offset
-        pos = Position(offset, self.fp, self.fp_len, self.path, self.deleted)
+        if self.deleted:  # never reopened by its path; its inode may be reused by a file that must start afresh
+            self.tailer.positions.pop(self.key, None)
+            return {self.key: CHECKPOINT_REMOVED}
+        pos = Position(offset, self.fp, self.fp_len, self.path)
         self.tailer.positions[self.key] = pos
         return {self.key: pos.dumps()}
 
@@ -601,7 +613,7 @@ class _Follower:
         return now - self.leaving_since >= ROTATE_WAIT_S
 
     def _close_out(self) -> None:
-        """Forward the unterminated last line and the final checkpoint (marked deleted if it was)."""
+        """Forward the unterminated last line and the final checkpoint (its removal if the file was deleted)."""
         runs = self.reader.finish()
         self.committed = -1
         self._submit(runs)

@@ -23,7 +23,14 @@ import trio
 import trio.testing
 
 from forwarder.delivery import spool as spool_module
-from forwarder.delivery.buffer import RECORD_OVERHEAD_BYTES, SPOOL_FULL, Chunk, records_size
+from forwarder.delivery.buffer import (
+    CHECKPOINT_REMOVED,
+    RECORD_OVERHEAD_BYTES,
+    SPOOL_FULL,
+    Chunk,
+    MemoryBuffer,
+    records_size,
+)
 from forwarder.delivery.spool import (
     CHUNKS_DIR,
     DESTINATION_REMOVED,
@@ -438,6 +445,31 @@ async def test_checkpoints_are_persisted_with_their_records_never_before(spool_d
         assert reopened.pending("a") == 5
     finally:
         await reopened.aclose()
+
+
+async def test_a_removed_checkpoint_is_deleted_with_its_records(spool_dir: Path) -> None:
+    spool = Spool.open(spool_dir, max_bytes=64 * MiB)
+    spool.register(["a"])
+    await spool.append(numbered(0, 1), {"tail:1": "10", "tail:2": "20"})
+    await spool.flush()
+    await spool.append(numbered(1, 1), {"tail:1": CHECKPOINT_REMOVED})  # file 1 was deleted
+    assert spool.load_checkpoints() == {"tail:1": "10", "tail:2": "20"}  # not before its records
+    await spool.flush()
+    assert spool.load_checkpoints() == {"tail:2": "20"}
+    assert db_rows(spool_dir, "SELECT key, value FROM checkpoints") == [("tail:2", "20")]
+    await spool.append([], {"tail:1": "5"})  # the inode reused by a new file
+    await spool.aclose()
+
+    reopened = Spool.open(spool_dir, max_bytes=64 * MiB)
+    try:
+        assert reopened.load_checkpoints() == {"tail:1": "5", "tail:2": "20"}
+    finally:
+        await reopened.aclose()
+
+    memory = MemoryBuffer(MiB)
+    await memory.append([], {"tail:1": "10"})
+    await memory.append([], {"tail:1": CHECKPOINT_REMOVED})
+    assert memory.load_checkpoints() == {}
 
 
 # --- bounds --------------------------------------------------------------------------------------------------------

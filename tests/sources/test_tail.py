@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from forwarder.config import ConfigError, load
-from forwarder.delivery.buffer import MemoryBuffer
+from forwarder.delivery.buffer import CHECKPOINT_REMOVED, MemoryBuffer
 from forwarder.pipeline import Ingest
 from forwarder.record import Level, Record, Tags
 from forwarder.shaping.redact import Redactor
@@ -369,7 +369,9 @@ async def test_truncation_flushes_the_held_partial_line(tmp_path: Path, autojump
         await wait_until(lambda: rec.messages() == ["a", "half", "b"])
 
 
-async def test_deleted_file_is_drained_closed_and_tombstoned(tmp_path: Path, autojump_clock: object) -> None:
+async def test_deleted_file_is_drained_closed_and_forgotten(
+    tmp_path: Path, autojump_clock: object
+) -> None:
     log = tmp_path / "app.log"
     log.write_text("1\n")
     st = log.stat()
@@ -385,10 +387,27 @@ async def test_deleted_file_is_drained_closed_and_tombstoned(tmp_path: Path, aut
         await wait_until(lambda: not tailer.followers, "closed")
         log.write_text("3\n")  # delete + create
         await wait_until(lambda: rec.messages() == ["1", "2", "3"])
-    # The closed file's checkpoint was marked deleted (the new file may reuse its inode, and is then read from its
-    # start rather than resumed at offset 4).
-    written = [Position.loads(v) for _n, cps in rec.history for k, v in cps.items() if k == key]
-    assert any(p is not None and p.deleted and p.offset == 4 for p in written)
+    # The closed file's checkpoint was removed after its last line (checkpoints do not pile up for every file ever
+    # followed); the new file, which may reuse its inode, was read from its start rather than resumed at offset 4.
+    written = [(n, v) for n, cps in rec.history for k, v in cps.items() if k == key]
+    removed = written.index((2, CHECKPOINT_REMOVED))
+    assert all(Position.loads(v) is not None for _n, v in written[:removed])
+    assert all(n == 3 for n, _v in written[removed + 1 :])  # only the new file's, if it reuses the inode
+    assert key not in tailer.positions or tailer.positions[key].offset == len("3\n")
+
+
+async def test_an_earlier_versions_deleted_mark_is_removed_at_start(tmp_path: Path, autojump_clock: object) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("new file on a reused inode\n")
+    st = log.stat()
+    key = checkpoint_key((st.st_dev, st.st_ino))
+    head = log.read_bytes()
+    mark = Position(len(head), fingerprint(head), len(head), str(log), deleted=True).dumps()
+    rec = Recorder({key: mark, "other:1": "kept"})
+    async with tailing([spec(log)], rec):  # not resumed at the mark's offset (its end), though the prefix matches
+        await wait_until(lambda: rec.messages() == ["new file on a reused inode"])
+    assert rec.history[0] == (0, {key: CHECKPOINT_REMOVED})
+    assert "other:1" not in rec.checkpoints  # only this source's own deleted marks
 
 
 def _checkpoint_for(path: Path, offset: int, prefix: bytes | None = None) -> dict[str, str]:
