@@ -369,9 +369,7 @@ async def test_truncation_flushes_the_held_partial_line(tmp_path: Path, autojump
         await wait_until(lambda: rec.messages() == ["a", "half", "b"])
 
 
-async def test_deleted_file_is_drained_closed_and_forgotten(
-    tmp_path: Path, autojump_clock: object
-) -> None:
+async def test_deleted_file_is_drained_closed_and_forgotten(tmp_path: Path, autojump_clock: object) -> None:
     log = tmp_path / "app.log"
     log.write_text("1\n")
     st = log.stat()
