@@ -141,8 +141,8 @@ class Position:
         fp: hex BLAKE2b-64 digest of the first ``fp_len`` bytes.
         fp_len: how many bytes the fingerprint covers (at most :data:`FINGERPRINT_BYTES`).
         path: where the file was last seen (informational).
-        deleted: written by earlier versions for a deleted file (whose checkpoint is now removed instead): never
-            resume it.
+        deleted: read from a mark earlier versions wrote for a deleted file (``"deleted": true``; this version removes
+            the checkpoint instead, and never writes it): never resume it.
     """
 
     offset: int
@@ -153,9 +153,7 @@ class Position:
 
     def dumps(self) -> str:
         """The checkpoint value (compact JSON)."""
-        data: dict[str, object] = {"offset": self.offset, "fp": self.fp, "fp_len": self.fp_len, "path": self.path}
-        if self.deleted:
-            data["deleted"] = True
+        data = {"offset": self.offset, "fp": self.fp, "fp_len": self.fp_len, "path": self.path}
         return orjson.dumps(data).decode()
 
     @classmethod
