@@ -16,9 +16,11 @@ How a file is followed (all intervals are named constants below):
   longer matches belongs to another file that reused the inode: that file is read from its start.
 * **Rotation by rename (+ create)**: the open descriptor keeps the old file; it is read to its end and kept open
   until it has not grown for :data:`ROTATE_WAIT_S` (a writer may still be writing to it before it reopens), then
-  its unterminated last line (if any) is forwarded and it is closed. The new file at the path is found by the
-  next scan (one is triggered at once) and read from its start. A file renamed to a name that still matches a
-  pattern stays followed under its new name.
+  its unterminated last line (if any) is forwarded and it is closed, and its checkpoint removed with that last
+  line: no pattern matches its new name, so it is not followed again (Fluent Bit's tail DB deletes a rotated file's
+  entry when it stops following it too; should it match again later, it is read from its start). The new file at
+  the path is found by the next scan (one is triggered at once) and read from its start. A file renamed to a name
+  that still matches a pattern stays followed under its new name.
 * **Copytruncate / truncation**: detected when the size drops below the read offset, or when the first bytes no
   longer match the fingerprint (the file was truncated and rewritten past our offset between two polls); the held
   partial line is forwarded and the file is read again from offset 0. Lines appended after our last read and
@@ -29,7 +31,11 @@ How a file is followed (all intervals are named constants below):
 * **Deletion**: a file whose link count is 0 is read to its end and closed after :data:`ROTATE_WAIT_S` without
   growth; its checkpoint is removed (with its last records): it can never be reopened, and a new file that reuses
   the inode must not be resumed. Checkpoints therefore do not pile up for every file ever followed (pod logs,
-  dated files). A checkpoint marked deleted by an earlier version is removed at start.
+  dated files).
+* **At start**, after the first scan, the checkpoints of files no pattern matched are removed (as Fluent Bit's tail
+  DB does): files deleted or rotated away while the forwarder was not running, or no longer in the configuration.
+  Such a file, should a pattern match it again later, is read from its start. Checkpoints marked deleted by an
+  earlier version are removed then too.
 * **Checkpoints**: after each block the file's position (``{"offset", "fp", "fp_len", "path"}`` JSON under the
   key ``tail:<st_dev>:<st_ino>``) is passed with the lines to ``submit``; the pipeline persists it in the same
   spool transaction as the records made from those lines. The offset covers only complete lines already submitted
@@ -349,16 +355,27 @@ class Tailer:
                     stale[key] = CHECKPOINT_REMOVED  # an earlier version's mark for a deleted file
                 elif pos is not None:
                     self.positions[key] = pos
-        if stale:
-            consumer.submit(STDOUT, [], stale)
         async with trio.open_nursery() as nursery:
-            initial = True
+            self.scan(nursery, consumer, initial=True)
+            self._forget_unmatched(consumer, stale)
             while True:
-                self.scan(nursery, consumer, initial=initial)
-                initial = False
                 with trio.move_on_after(SCAN_INTERVAL_S):
                     await self._scan_requested.wait()
                 self._scan_requested = trio.Event()
+                self.scan(nursery, consumer, initial=False)
+
+    def _forget_unmatched(self, consumer: TailConsumer, stale: dict[str, str]) -> None:
+        """After the first scan: remove the checkpoints of files no pattern matches any more (deleted or rotated
+        away while we were not running), together with ``stale`` (earlier versions' deleted marks), as Fluent Bit's
+        tail DB does at start. A file that matches again later is read from its start."""
+        matched = {checkpoint_key(ident) for ident in self.matched}
+        unmatched = [key for key in self.positions if key not in matched]
+        for key in unmatched:
+            del self.positions[key]
+            stale[key] = CHECKPOINT_REMOVED
+        if stale:
+            _log.info("tail_checkpoints_removed", count=len(stale))
+            consumer.submit(STDOUT, [], stale)
 
     def checkpoint_lag(self, persisted: Mapping[str, str]) -> dict[str, int]:
         """Bytes of each followed file not yet covered by a persisted checkpoint: ``path -> bytes``.
@@ -491,6 +508,8 @@ class _Follower:
         self.seen: tuple[int, int] = (-1, -1)
         self.leaving_since: float | None = None
         self.deleted = False
+        self.closing = False
+        """Set when the file, rotated away or deleted, is closed for good: its checkpoint is removed."""
 
     async def run(self) -> None:
         """Poll, read, detect truncation/rotation/deletion; close when done (or on error/cancellation)."""
@@ -567,11 +586,15 @@ class _Follower:
         submit_runs(self.consumer, runs, self._checkpoint(self.reader.committed), self.spec.stream, self.origin)
 
     def _checkpoint(self, offset: int) -> dict[str, str] | None:
-        """The checkpoint for ``offset`` if it moved (also remembered for a file that is opened again)."""
+        """The checkpoint for ``offset`` if it moved (also remembered for a file that is opened again); its removal
+        once the file is deleted, or closed for good after a rotation."""
         if offset == self.committed:
             return None
         self.committed = offset
-        if self.deleted:  # never reopened by its path; its inode may be reused by a file that must start afresh
+        if self.deleted or self.closing:
+            # Deleted: never reopened by its path; its inode may be reused by a file that must start afresh.
+            # Rotated away and closed: no pattern matches its name, so it is not followed again (Fluent Bit's tail
+            # DB deletes a rotated file's entry when it stops following it too).
             self.tailer.positions.pop(self.key, None)
             return {self.key: CHECKPOINT_REMOVED}
         pos = Position(offset, self.fp, self.fp_len, self.path)
@@ -611,8 +634,10 @@ class _Follower:
         return now - self.leaving_since >= ROTATE_WAIT_S
 
     def _close_out(self) -> None:
-        """Forward the unterminated last line and the final checkpoint (its removal if the file was deleted)."""
+        """Forward the unterminated last line with the removal of the file's checkpoint (it is deleted, or rotated
+        away to a name no pattern matches: it will not be followed again)."""
         runs = self.reader.finish()
         self.committed = -1
+        self.closing = True
         self._submit(runs)
         _log.info("tail_file_closed", path=self.path, offset=self.offset, deleted=self.deleted)

@@ -313,13 +313,19 @@ async def test_unterminated_last_line_is_forwarded_when_the_rotated_file_closes(
 ) -> None:
     log = tmp_path / "app.log"
     log.write_text("a\nno newline")
+    st = log.stat()
+    key = checkpoint_key((st.st_dev, st.st_ino))
     rec = Recorder()
     async with tailing([spec(log)], rec) as tailer:
         await wait_until(lambda: rec.messages() == ["a"])
+        assert rec.position(log).offset == len(b"a\n")
         log.rename(tmp_path / "rotated")
         await wait_until(lambda: not tailer.followers, "closed")
         assert rec.messages() == ["a", "no newline"]
-        assert rec.position(tmp_path / "rotated").offset == len(b"a\nno newline")
+        # Closed for good (no pattern matches "rotated"): its checkpoint is removed with its last line, so
+        # checkpoints do not pile up one per rotation.
+        assert rec.history[-1] == (2, {key: CHECKPOINT_REMOVED})
+        assert key not in tailer.positions
 
 
 async def test_renamed_to_a_matching_name_stays_followed(tmp_path: Path, autojump_clock: object) -> None:
@@ -409,6 +415,28 @@ async def test_an_earlier_versions_deleted_mark_is_removed_at_start(tmp_path: Pa
         await wait_until(lambda: rec.messages() == ["new file on a reused inode"])
     assert rec.history[0] == (0, {key: CHECKPOINT_REMOVED})
     assert "other:1" not in rec.checkpoints  # only this source's own deleted marks
+
+
+async def test_checkpoints_of_files_no_pattern_matches_are_removed_at_start(
+    tmp_path: Path, autojump_clock: object
+) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("done\nnew\n")
+    kept = _checkpoint_for(log, len("done\n"))
+    gone = tmp_path / "gone.log"  # deleted, or rotated away, while the forwarder was not running
+    gone.write_text("old\n")
+    gone_key, gone_value = next(iter(_checkpoint_for(gone, 4).items()))
+    elsewhere = tmp_path / "elsewhere.txt"  # exists, but no pattern matches it
+    elsewhere.write_text("x\n")
+    elsewhere_key, elsewhere_value = next(iter(_checkpoint_for(elsewhere, 2).items()))
+    gone.unlink()
+    rec = Recorder({**kept, gone_key: gone_value, elsewhere_key: elsewhere_value, "other:1": "kept"})
+    async with tailing([spec(tmp_path / "*.log")], rec) as tailer:
+        await wait_until(lambda: rec.messages() == ["new"])  # the matched file resumed at its checkpoint
+        assert set(tailer.positions) == set(kept)
+    assert rec.history[0] == (0, {gone_key: CHECKPOINT_REMOVED, elsewhere_key: CHECKPOINT_REMOVED})
+    assert all(k in kept for _n, cps in rec.history[1:] for k in cps)
+    assert "other:1" not in rec.checkpoints  # only this source's own checkpoints
 
 
 def _checkpoint_for(path: Path, offset: int, prefix: bytes | None = None) -> dict[str, str]:
