@@ -166,11 +166,14 @@ class Ingest:
             index = 0
             while True:
                 # Shape and append in slices of SHAPE_SLICE_BYTES so that the records alive at once stay bounded;
-                # the checkpoints go with the last slice (they must not become durable before their lines).
+                # each checkpoint goes with the slice that makes it ready (never durable before its lines), and a
+                # slice does not end where the shaper holds the last line of a checkpoint whose next line is queued.
                 now = time.time_ns()
                 records: list[Record] = []
                 size = 0
-                while index < len(pending) and size < SHAPE_SLICE_BYTES:
+                while index < len(pending) and (
+                    size < SHAPE_SLICE_BYTES or self._completes_a_checkpoint(pending[index], size)
+                ):
                     lane, lines, times, nbytes = pending[index]
                     index += 1
                     size += nbytes
@@ -191,6 +194,27 @@ class Ingest:
                 return
             # Let readers run between batches so a busy shaper never starves the pipes.
             await trio.lowlevel.checkpoint()
+
+    def _completes_a_checkpoint(self, item: tuple[Lane, list[str], list[int] | None, int], size: int) -> bool:
+        """Whether a slice of ``size`` bytes, full already, should still take ``item`` (a pending submit): when the
+        oldest waiting checkpoint has all its lines shaped but the shaper holds the last of them (a text line that a
+        continuation could follow), records past the checkpoint before it are out already, and ``item`` continues
+        that lane (which releases the held line). Ending the slice there would append those records without their
+        checkpoint, and a crash before the next append became durable would read them again: a tailed file submits
+        each block but its last line, then that line, and both belong in one slice. At most
+        :data:`SHAPE_SLICE_BYTES` more."""
+        if size >= 2 * SHAPE_SLICE_BYTES:
+            return False
+        held = self.shaper.held
+        before: dict[Lane, int] = {}
+        for marks, _ in self._checkpoints:  # those shaped in this slice are ready: the first that is not decides
+            for lane, n in marks.items():
+                shaped = self._shaped[lane]
+                released = shaped - held(*lane)
+                if released < n:
+                    return shaped >= n and lane == item[0] and released > before.get(lane, 0)
+            before = marks
+        return False
 
     def _ready_checkpoints(self) -> dict[str, str]:
         """The checkpoints all of whose lines are in records by now. A line may be held by the shaper (the last

@@ -4,12 +4,17 @@ ever followed."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping
+
+import pytest
 import trio
 import trio.testing
 
+from forwarder import pipeline
 from forwarder.delivery.buffer import MAX_READ_LAG_CHUNKS, MemoryBuffer
 from forwarder.pipeline import MAX_PENDING_BYTES, PACED_PENDING_BYTES, Ingest
-from forwarder.record import Tags
+from forwarder.record import Record, Tags
 from forwarder.shaping.redact import Redactor
 from forwarder.shaping.shaper import Shaper
 
@@ -123,3 +128,41 @@ async def test_a_forgotten_lane_that_comes_back_still_holds_back_its_checkpoint(
     assert messages == ["a1", "b1", "a2 plain text"]
     assert buffer.load_checkpoints() == {"a": "2", "b": "1"}
     assert tracked_lanes(ingest) == 0
+
+
+class _AppendLog(MemoryBuffer):
+    """A memory buffer that notes, after each append, how many records it holds and its newest checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__(10**9)
+        self.records = 0
+        self.after_append: list[tuple[int, int]] = []
+        """(records so far, lines covered by the newest checkpoint) after each append."""
+
+    async def append(self, records: list[Record], checkpoints: Mapping[str, str] | None = None) -> None:
+        await super().append(records, checkpoints)
+        self.records += len(records)
+        self.after_append.append((self.records, int(self.load_checkpoints().get("f", "0"))))
+
+
+async def test_a_slice_does_not_end_between_a_block_and_its_last_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tailed file submits each block but its last line (checkpoint: the lines so far), then that line (checkpoint:
+    # past it). The shaper holds the last text line it was fed, so the block's checkpoint is ready only once the
+    # line after it is shaped: a slice that ended between the two would append the block's records without their
+    # checkpoint, and a crash before the next append was durable would read the whole block again.
+    monkeypatch.setattr(pipeline, "SHAPE_SLICE_BYTES", 1000)
+    buffer = _AppendLog()
+    buffer.register(["a"])
+    ingest = make_ingest(buffer)
+    lines = [f"plain line {i:08d}" for i in range(200)]  # 20 characters each
+    cuts = [0, 45, 46, 76, 77, 140, 141, 199, 200]  # blocks of 45, 30, 63 and 58 lines, each with its last line
+    async with trio.open_nursery() as nursery:
+        for start, end in itertools.pairwise(cuts):
+            ingest.submit("stdout", lines[start:end], {"f": str(end)}, origin="/logs/f.log")
+        nursery.start_soon(ingest.run)
+        await trio.testing.wait_all_tasks_blocked()
+        ingest.close()
+    assert len(buffer.after_append) > 1  # several slices
+    # Every record appended is covered by the checkpoint made durable with it (the held last line is not a record).
+    assert all(records <= covered for records, covered in buffer.after_append), buffer.after_append
+    assert buffer.after_append[-1] == (200, 200)
