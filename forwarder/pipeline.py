@@ -28,9 +28,13 @@ MAX_PENDING_BYTES: Final = 4 * 1024 * 1024
 """Lines read but not yet shaped, bytes (approximate: characters). A ``str`` line costs ~50 bytes more than its
 characters, so 4 MiB of ~175-byte lines is ~5 MiB of memory; readers (tail, the pipe thread's own byte buffer)
 wait past it, which only ever happens when the source is faster than shaping (tail from head)."""
-SHAPE_SLICE_BYTES: Final = 1024 * 1024
+SHAPE_SLICE_BYTES: Final = 256 * 1024
 """Lines shaped and appended to the buffer at a time, bytes (characters): bounds the records alive at once (a
-record with a few attributes is ~1 KiB of Python objects) while keeping per-append costs negligible."""
+record with a few attributes is ~1 KiB of Python objects) while keeping per-append costs negligible. A submit is
+never cut, so a slice is about one tailed block (:data:`~forwarder.sources._follow.READ_SIZE`): an append is then
+about one spool chunk (:data:`~forwarder.delivery.spool.DEFAULT_CHUNK_MAX_BYTES`), which the spool can skip
+writing once every destination has it, and less is read ahead (:data:`PACED_PENDING_BYTES`). With 1 MiB, bench
+(a) peaked at 80 MiB RSS, not 64 (memory buffer), and the durable spool had to write most chunks."""
 
 PACED_PENDING_BYTES: Final = SHAPE_SLICE_BYTES
 """Lines pending (not yet shaped) past which :meth:`Ingest.wait_for_delivery` waits, bytes: with one slice being
@@ -171,9 +175,12 @@ class Ingest:
                 now = time.time_ns()
                 records: list[Record] = []
                 size = 0
-                while index < len(pending) and (
-                    size < SHAPE_SLICE_BYTES or self._completes_a_checkpoint(pending[index], size)
-                ):
+                full_at = 0  # the slice's size when it reached SHAPE_SLICE_BYTES (one submit may take it far past)
+                while index < len(pending):
+                    if size >= SHAPE_SLICE_BYTES:
+                        full_at = full_at or size
+                        if not self._completes_a_checkpoint(pending[index], size - full_at):
+                            break
                     lane, lines, times, nbytes = pending[index]
                     index += 1
                     size += nbytes
@@ -195,15 +202,17 @@ class Ingest:
             # Let readers run between batches so a busy shaper never starves the pipes.
             await trio.lowlevel.checkpoint()
 
-    def _completes_a_checkpoint(self, item: tuple[Lane, list[str], list[int] | None, int], size: int) -> bool:
-        """Whether a slice of ``size`` bytes, full already, should still take ``item`` (a pending submit): when the
-        oldest waiting checkpoint has all its lines shaped but the shaper holds the last of them (a text line that a
-        continuation could follow), records past the checkpoint before it are out already, and ``item`` continues
-        that lane (which releases the held line). Ending the slice there would append those records without their
-        checkpoint, and a crash before the next append became durable would read them again: a tailed file submits
-        each block but its last line, then that line, and both belong in one slice. At most
-        :data:`SHAPE_SLICE_BYTES` more."""
-        if size >= 2 * SHAPE_SLICE_BYTES:
+    def _completes_a_checkpoint(self, item: tuple[Lane, list[str], list[int] | None, int], extra: int) -> bool:
+        """Whether a slice that is full already, and took ``extra`` bytes since, should still take ``item`` (a
+        pending submit): when the oldest waiting checkpoint has all its lines shaped but the shaper holds the last of
+        them (a text line that a continuation could follow), records past the checkpoint before it are out already,
+        and ``item`` continues that lane (which releases the held line). Ending the slice there would append those
+        records without their checkpoint, and a crash before the next append became durable would read them again:
+        a tailed file submits each block but its last line, then that line, and both belong in one slice. At most
+        :data:`SHAPE_SLICE_BYTES` more, counted from where the slice became full (one block may take it far past
+        :data:`SHAPE_SLICE_BYTES`): so a slice takes a held line's submit, never the next block itself (which would
+        leave that block's own last line for the next slice)."""
+        if extra + item[3] > SHAPE_SLICE_BYTES:
             return False
         held = self.shaper.held
         before: dict[Lane, int] = {}

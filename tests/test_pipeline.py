@@ -145,12 +145,16 @@ class _AppendLog(MemoryBuffer):
         self.after_append.append((self.records, int(self.load_checkpoints().get("f", "0"))))
 
 
-async def test_a_slice_does_not_end_between_a_block_and_its_last_line(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("slice_bytes", [1000, 300])
+async def test_a_slice_does_not_end_between_a_block_and_its_last_line(
+    monkeypatch: pytest.MonkeyPatch, slice_bytes: int
+) -> None:
     # A tailed file submits each block but its last line (checkpoint: the lines so far), then that line (checkpoint:
     # past it). The shaper holds the last text line it was fed, so the block's checkpoint is ready only once the
     # line after it is shaped: a slice that ended between the two would append the block's records without their
-    # checkpoint, and a crash before the next append was durable would read the whole block again.
-    monkeypatch.setattr(pipeline, "SHAPE_SLICE_BYTES", 1000)
+    # checkpoint, and a crash before the next append was durable would read the whole block again. With 300, every
+    # block is larger than a slice (and than two).
+    monkeypatch.setattr(pipeline, "SHAPE_SLICE_BYTES", slice_bytes)
     buffer = _AppendLog()
     buffer.register(["a"])
     ingest = make_ingest(buffer)
