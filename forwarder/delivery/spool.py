@@ -16,11 +16,24 @@ the delete (Debian's SQLite is built with ``SECURE_DELETE``): about 0.1 us of CP
 delete, serialisation aside, instead of about 0.85 (``bench/bench_spool.py --parts``). A chunk acknowledged within
 seconds is usually deleted before the kernel writes it to the disk at all.
 
-Appended records are staged in memory and persisted as one chunk ``flush_interval_s`` after the first of them was
-appended, or as soon as ``chunk_max_bytes`` of them are staged, whichever comes first (by :meth:`Spool.run`, in the
-background). A chunk is serialised once (:func:`encode_chunk`: orjson, column by column, the
-:class:`~forwarder.record.Tags` once per chunk, level as int), compressed (zlib format, by ISA-L) when that pays (see
-:data:`COMPRESS_ABOVE_FRACTION`), written to its file, and its row inserted in one transaction.
+Appended records are staged in memory and *sealed* into chunks (ids given, handed to the destinations) as soon as
+``chunk_max_bytes`` of them are staged, or ``flush_interval_s`` after the first of them was appended, whichever
+comes first (:meth:`Spool.append`, :meth:`Spool.run`). Persistence is *write-behind*: a sealed chunk is persisted by
+:meth:`Spool.run` in the background at its deadline (``flush_interval_s`` after its first record was appended), or
+at once when more than :data:`UNWRITTEN_MAX_CHUNKS` wait. A chunk is serialised once (:func:`encode_chunk`: orjson,
+column by column, the :class:`~forwarder.record.Tags` once per chunk, level as int), compressed (zlib format, by
+ISA-L) when that pays (see :data:`COMPRESS_ABOVE_FRACTION`), written to its file, and its row inserted in one
+transaction. A chunk that every destination acknowledges before its deadline is never serialised nor written: its
+checkpoints are committed with the acknowledgement that completes it, in the transaction that moves the cursor,
+which leaves the database exactly as writing it and then deleting it would have (the usual case when destinations
+keep up: the spool then costs a transaction per chunk, not the serialisation and the I/O). The chunks of one seal
+(staged records larger than a chunk are cut into several, and the staged checkpoints ride on the last) are persisted
+or skipped together: when every destination has acknowledged the first of them, the rest are written at once, with
+the seal's checkpoints and the cursor, in one transaction. So a record is never acknowledged while the checkpoint
+covering it can only become durable later; as without write-behind, a crash makes the source read again only what
+was in flight. Either way, every
+appended record is on disk or acknowledged by every destination within ``flush_interval_s`` of its append, the
+window a crash can lose, as before write-behind.
 
 Invariants:
 
@@ -29,18 +42,26 @@ Invariants:
 2. At-least-once: a destination's cursor moves only when it acknowledges a chunk (or when the chunk is discarded
    because the spool is full, which is counted); after a crash or restart each destination resumes after its
    persisted cursor, so a chunk that was not acknowledged is delivered again (duplicates are limited to the chunks
-   that were in flight: handed out, not yet acknowledged).
-3. A cursor is never ahead of the last persisted chunk: :meth:`Spool.next_chunk` hands out persisted chunks only,
-   and a new destination starts at the last persisted chunk.
+   that were in flight: handed out, not yet acknowledged; and, for a source that can read again, to chunks some
+   destination acknowledged but another had not, within ``flush_interval_s`` before the crash).
+3. Chunks are handed out when sealed, before they are persisted (write-behind). Chunks are persisted, or found
+   acknowledged by every destination (never written), strictly in id order, so every chunk on disk is older than
+   every unwritten one; a new destination starts at the last persisted chunk (:meth:`Spool.register` runs at
+   startup, before any append). A cursor persisted past a chunk that was never written refers to nothing: after a
+   crash, the records of such a chunk that were not acknowledged by every destination come back from the source
+   (their checkpoint was not committed) under new, higher ids.
 4. A chunk is deleted only once every registered destination has acknowledged it, or when the spool is full.
-5. A checkpoint is never ahead of persisted data: checkpoints passed to :meth:`Spool.append` are written in the same
-   transaction as the chunk that holds those records (or a later one), never before.
+5. A checkpoint is never ahead of persisted or delivered data: checkpoints passed to :meth:`Spool.append` are
+   committed in the same transaction as the chunk that holds those records (or a later one), or, for chunks every
+   destination acknowledged before they were written, in the transaction of the acknowledgement that completed
+   them; never before. All these commits happen under one lock, in chunk order.
 6. Bounded: the stored bytes (chunk data bytes plus :data:`CHUNK_ROW_OVERHEAD_BYTES` per chunk) stay within
    ``max_bytes`` (itself clamped to the free disk minus a margin at open), except that the newest chunk is always
    kept. When a flush would exceed it, the oldest chunks are deleted first (their own transaction, then their
    files, so that the space is free before the new files are written) and every destination that had not been
-   handed them counts them as dropped (``spool_full``). Memory is bounded too: staging holds at
-   most :data:`STAGED_MAX_CHUNKS` x ``chunk_max_bytes`` (plus the append in progress); a cache keeps the newest
+   handed them counts them as dropped (``spool_full``). Memory is bounded too: sealed chunks wait to be written
+   in at most :data:`UNWRITTEN_MAX_CHUNKS` (plus :data:`STAGED_MAX_CHUNKS` before an append waits for the disk)
+   x ``chunk_max_bytes``, and count towards the cache's bound; a cache keeps the newest
    chunks (at most :data:`CACHE_CHUNKS` x ``chunk_max_bytes``, and only for destinations that are reading: one
    busy with a chunk for :data:`STALLED_AFTER_S` or more, e.g. down and retrying, pins nothing) so that
    destinations that keep up never read the disk; a destination that lags reads one chunk at a time from disk,
@@ -87,6 +108,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import math
 import os
 import shutil
 import sqlite3
@@ -96,6 +118,7 @@ from bisect import bisect_left
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import accumulate, repeat
 from operator import add, attrgetter
 from pathlib import Path
@@ -129,8 +152,13 @@ CHUNKS_DIR: Final = "chunks"
 CHUNK_SUFFIX: Final = ".chunk"
 DEFAULT_FLUSH_INTERVAL_S: Final = 0.2
 """Staged records are persisted at most this long after the first of them was appended, seconds."""
-DEFAULT_CHUNK_MAX_BYTES: Final = 1024 * 1024
-"""A chunk is cut once its records reach this size (:func:`~forwarder.delivery.buffer.records_size`, bytes)."""
+DEFAULT_CHUNK_MAX_BYTES: Final = 512 * 1024
+"""A chunk is cut once its records reach this size (:func:`~forwarder.delivery.buffer.records_size`, bytes; see
+:data:`SPLIT_TAIL_FRACTION`). 512 KiB rather than 1 MiB: between the source and the acknowledgement the pipeline
+holds about four chunks (the read lag the sources are paced to, one being encoded, one being sent), so with 1 MiB
+chunks at ~170,000 lines/s a chunk was acknowledged ~200-250 ms after its first record, past its write-behind
+deadline, and was written; at 512 KiB nearly every chunk is acknowledged first and never written
+(``bench/run_all.py --only a``: 207 of 211)."""
 DEFAULT_COMPRESS_LEVEL: Final = 1
 """Compression level for chunk data (0 = always stored uncompressed; ISA-L levels go up to 3, higher levels are
 taken as 3). Level 1 shrinks typical agent logs ~5-7x for ~0.25 us of CPU per record to compress and ~0.2 us to
@@ -145,12 +173,24 @@ almost nothing (~0.05 us per record), while compressing and decompressing would 
 is enforced on the bytes actually stored either way."""
 CHUNK_ROW_OVERHEAD_BYTES: Final = 64
 """Counted per chunk on top of its data bytes (row, index and file overhead), so tiny chunks also fill the bound."""
+SPLIT_TAIL_FRACTION: Final = 1.0
+"""When staged records are cut into chunks, a tail shorter than this fraction of ``chunk_max_bytes`` joins the
+chunk before it rather than making a small chunk of its own: a chunk holds ``chunk_max_bytes`` up to twice that,
+so that an append (the pipeline's, ~1 MiB of input) makes one chunk, not a full one and a small remainder (each
+chunk costs an acknowledgement, a transaction and a destination request of its own)."""
+UNWRITTEN_MAX_CHUNKS: Final = 12
+"""Sealed chunks wait in memory for their deadline (write-behind) up to this many ``chunk_max_bytes``; beyond it
+:meth:`Spool.run` writes the oldest at once. 12 (6 MiB): a tailed block makes one chunk of ~1.8 x
+``chunk_max_bytes``, and a destination that keeps up is about five chunks behind the newest (read lag, one being
+encoded, one being sent); with 8, bench (a) wrote two chunks in three instead of skipping nearly all. They count
+towards the cache's bound (:data:`CACHE_CHUNKS`): the cache gives way first."""
 STAGED_MAX_CHUNKS: Final = 2
 """While :meth:`Spool.run` is running, full chunks are written in the background and :meth:`Spool.append` returns at
-once; it waits for the disk only when more than this many ``chunk_max_bytes`` are staged (memory bound). Without a
-running :meth:`Spool.run`, ``append`` writes each full chunk itself."""
+once; it waits for the disk only when more than :data:`UNWRITTEN_MAX_CHUNKS` plus this many ``chunk_max_bytes``
+wait to be written (memory bound). Without a running :meth:`Spool.run`, ``append`` writes each full chunk itself."""
 CACHE_CHUNKS: Final = 4
-"""Newest chunks kept in memory after they were written, in units of ``chunk_max_bytes`` (record bytes; the Python
+"""Newest chunks kept in memory after they were written, with the unwritten ones (:data:`UNWRITTEN_MAX_CHUNKS`), in
+units of ``chunk_max_bytes`` (record bytes; the Python
 objects take ~3-4x that); destinations that keep up, or lag by less than this, read them without touching the
 disk. A burst larger than this is read back from disk (~0.5-1 us of CPU per record, depending on the garbage
 collector's load: reading the file, orjson, building the records)."""
@@ -372,6 +412,17 @@ def _is_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS
 
 
+def _put_checkpoints(conn: sqlite3.Connection, checkpoints: Mapping[str, str]) -> None:
+    """Store ``checkpoints`` (inside a transaction): upsert each, delete those set to ``CHECKPOINT_REMOVED``."""
+    conn.executemany(
+        "INSERT INTO checkpoints (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [(k, v) for k, v in checkpoints.items() if v != CHECKPOINT_REMOVED],
+    )
+    conn.executemany(
+        "DELETE FROM checkpoints WHERE key = ?", [(k,) for k, v in checkpoints.items() if v == CHECKPOINT_REMOVED]
+    )
+
+
 def _write_file(path: Path, head: bytes, data: bytes) -> None:
     """Write ``head + data`` to a new file at ``path`` (replacing an orphan of the same name), in one ``writev``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -492,10 +543,19 @@ class _Store:
             self._unlink(cid)
 
     def write(
-        self, chunks: Sequence[Chunk], checkpoints: Mapping[str, str], max_bytes: int, compress_level: int
+        self,
+        chunks: Sequence[Chunk],
+        checkpoints: Mapping[str, str],
+        max_bytes: int,
+        compress_level: int,
+        *,
+        elided_upto: int = 0,
+        cursor: tuple[str, int] | None = None,
     ) -> _WriteResult:
         """Persist ``chunks`` (their files, then their rows and ``checkpoints`` in one transaction), deleting the
-        oldest chunks first as needed to stay within ``max_bytes`` (the newest chunk is always kept). A failure
+        oldest chunks first as needed to stay within ``max_bytes`` (the newest chunk is always kept). Every cursor
+        moves to at least ``elided_upto`` (chunks every destination acknowledged before they were written) in the
+        same transaction, and ``cursor`` ((destination, chunk id), if given) to at least its chunk id. A failure
         (:class:`sqlite3.Error`, :class:`OSError`) is returned in the result, not raised: the chunks deleted before
         it stay deleted, and the caller must count them."""
         now = time.time_ns()
@@ -515,7 +575,7 @@ class _Store:
                 while excess > 0 and skip < len(chunks) - 1:
                     excess -= sizes[skip] + CHUNK_ROW_OVERHEAD_BYTES
                     skip += 1
-                skipped_upto = chunks[skip - 1].id if skip else 0
+                skipped_upto = max(chunks[skip - 1].id if skip else 0, elided_upto)
                 self._insert(
                     chunks[skip:],
                     encoded[skip:],
@@ -523,14 +583,14 @@ class _Store:
                     now=now,
                     checkpoints=checkpoints,
                     skipped_upto=skipped_upto,
+                    cursor=cursor,
                 )
             except (sqlite3.Error, OSError) as exc:
                 return _WriteResult([], evicted, exc)
             kept = chunks[skip:]
             self.stored_chunks += len(kept)
             self.stored_bytes += sum(sizes[skip:]) + len(kept) * CHUNK_ROW_OVERHEAD_BYTES
-            if kept:
-                self.last_id = max(self.last_id, kept[-1].id)
+            self.last_id = max(self.last_id, kept[-1].id if kept else 0, skipped_upto)
             evicted += [(c.id, len(c.records)) for c in chunks[:skip]]
             return _WriteResult([(c.id, len(c.records)) for c in kept], evicted)
 
@@ -543,10 +603,11 @@ class _Store:
         now: int,
         checkpoints: Mapping[str, str],
         skipped_upto: int,
+        cursor: tuple[str, int] | None,
     ) -> None:
         """Write the chunks' files, then insert their rows and the checkpoints in one transaction (cursors move past
-        ``skipped_upto``, the last chunk of this flush that is not written, if any). On failure the files written
-        are deleted again."""
+        ``skipped_upto``, the last chunk of this flush that is not written, if any: discarded, or acknowledged by
+        every destination first). On failure the files written are deleted again."""
         w = self._w
         written: list[int] = []
         try:
@@ -557,20 +618,16 @@ class _Store:
             try:
                 if skipped_upto:
                     w.execute("UPDATE cursors SET acked_id = max(acked_id, ?)", (skipped_upto,))
+                if cursor is not None:
+                    w.execute(
+                        "UPDATE cursors SET acked_id = max(acked_id, ?) WHERE destination = ?", (cursor[1], cursor[0])
+                    )
                 w.executemany(
                     "INSERT INTO chunks (id, created, n_records, bytes, data) VALUES (?, ?, ?, ?, x'')",
                     [(c.id, now, len(c.records), size) for c, size in zip(chunks, sizes, strict=True)],
                 )
                 if checkpoints:
-                    w.executemany(
-                        "INSERT INTO checkpoints (key, value) VALUES (?, ?) "
-                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                        [(k, v) for k, v in checkpoints.items() if v != CHECKPOINT_REMOVED],
-                    )
-                    w.executemany(
-                        "DELETE FROM checkpoints WHERE key = ?",
-                        [(k,) for k, v in checkpoints.items() if v == CHECKPOINT_REMOVED],
-                    )
+                    _put_checkpoints(w, checkpoints)
                 w.execute("COMMIT")
             except BaseException:
                 _rollback(w)
@@ -618,18 +675,31 @@ class _Store:
             raise
         self._apply_freed(freed)
 
-    def ack(self, destination: str, acked: int, floor: int) -> None:
-        """Persist ``destination``'s cursor and delete the chunks every destination acknowledged (id <= floor)."""
+    def ack(
+        self,
+        destination: str,
+        acked: int,
+        floor: int,
+        elided_upto: int = 0,
+        checkpoints: Mapping[str, str] | None = None,
+    ) -> None:
+        """Persist ``destination``'s cursor and delete the chunks every destination acknowledged (id <= floor), in
+        one transaction; with ``elided_upto`` (the last of the chunks every destination acknowledged before they
+        were written: never written), also commit their ``checkpoints``. The cursor, at least ``elided_upto``, keeps
+        their ids from being reused after a restart."""
         with self._wlock:
             w = self._w
             w.execute("BEGIN IMMEDIATE")
             try:
                 w.execute("UPDATE cursors SET acked_id = max(acked_id, ?) WHERE destination = ?", (acked, destination))
+                if checkpoints:
+                    _put_checkpoints(w, checkpoints)
                 freed = self._delete_upto(floor)
                 w.execute("COMMIT")
             except BaseException:
                 _rollback(w)
                 raise
+            self.last_id = max(self.last_id, elided_upto)
             self._deleted_floor = max(self._deleted_floor, floor)
             self._apply_freed(freed)
 
@@ -694,6 +764,20 @@ def _load_chunk(store: _Store, after: int) -> tuple[Chunk | None, int | None, in
 # --- the Buffer ------------------------------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class _Sealed:
+    """A chunk handed out to destinations and not yet persisted (write-behind, see the module docstring)."""
+
+    chunk: Chunk
+    deadline: float
+    """When it must be persisted (trio clock, seconds): ``flush_interval_s`` after its first record was appended."""
+    checkpoints: dict[str, str] | None
+    """Checkpoints that become durable with this chunk (those appended with its last records)."""
+    closes: bool
+    """The last chunk of its seal: the one the staged checkpoints ride on. The chunks before it are never skipped
+    without it (their records are read again after a crash until its checkpoints are committed)."""
+
+
 class Spool:
     """The durable :class:`~forwarder.delivery.buffer.Buffer` (see the module docstring for its invariants).
 
@@ -728,20 +812,26 @@ class Spool:
         self._acked: dict[str, int] = {}
         self._read: dict[str, int] = {}
         self._pending: dict[str, int] = {}
-        """Records in stored chunks after the destination's cursor."""
+        """Records in sealed chunks (stored or not yet) after the destination's cursor."""
         self._out: dict[str, dict[int, int]] = {}
         """Chunks handed out and not acknowledged (id -> records), per destination."""
-        self._lost: dict[str, dict[int, int]] = {}
-        """Chunks discarded (spool full) while handed out to the destination and not yet acknowledged."""
+        self._lost: dict[str, dict[int, tuple[int, str]]] = {}
+        """Chunks discarded (spool full, or a failed write) while handed out to the destination and not yet
+        acknowledged: id -> (records, reason)."""
+        self._failed: dict[int, int] = {}
+        """Sealed chunks whose write failed (id -> records), already counted for the destinations that had not been
+        handed them; they skip them when they get there."""
 
         self._staged: list[Record] = []
         self._staged_bytes = 0
         self._staged_checkpoints: dict[str, str] = {}
         self._staged_since = 0.0
-        self._flushing = 0
-        self._flushing_bytes = 0
+        self._unwritten: dict[int, _Sealed] = {}
+        """Sealed chunks not yet persisted, in id order (they are older than nothing on disk)."""
+        self._unwritten_bytes = 0
         self._next_id = store.last_id + 1
         self._last_id = store.last_id
+        """Highest chunk id sealed (handed out, or to be): persisted, unwritten or elided."""
         self._cache: dict[int, Chunk] = {}
         self._cache_bytes = 0
         self._loaded: dict[int, Chunk] = {}
@@ -751,13 +841,16 @@ class Spool:
         """Disk reads in progress, by the ``after`` they read from: a second destination waits for the first."""
         self._evicted_applied = 0
         """Highest chunk id discarded (spool full) whose discard :meth:`_applied` has counted."""
+        self._elided = 0
+        """Chunks never written because every destination had acknowledged them first (this run)."""
         self._pacer = ReadPacer()
         self._checkpoints = store.checkpoints()
 
         self._flush_lock = trio.Lock()
         self._changed = trio.Event()
         self._wakeup = trio.Event()
-        """Wakes :meth:`run`: records staged, a chunk full, or input closed."""
+        """Wakes :meth:`run`: records staged, a chunk full, the acknowledged floor passed an unwritten chunk, or
+        input closed."""
         self._running = False
         self._input_closed = False
         self._closed = False
@@ -781,7 +874,8 @@ class Spool:
             max_bytes: bound on stored bytes; clamped to the free disk space (see :func:`effective_max_bytes`).
             on_drop: told ``(destination, records, reason)`` about records discarded before a destination
                 delivered them (``spool_full``, ``destination_removed``, ``spool_error``).
-            flush_interval_s: staged records are persisted at most this long after being appended, seconds.
+            flush_interval_s: appended records are persisted (or acknowledged by every destination) at most this
+                long after being appended, seconds.
             chunk_max_bytes: a chunk is cut at this many record bytes (message + 64 per record).
             compress_level: compression level (zlib format, ISA-L levels 1-3) for chunk data when compression pays
                 (:data:`COMPRESS_ABOVE_FRACTION`), 0 for never.
@@ -825,7 +919,7 @@ class Spool:
         """Declare the enabled destinations. Known ones keep their persisted cursor; new ones start at the last
         persisted chunk (they receive what is appended from now on); the cursors of destinations no longer listed
         are deleted, their pending records counted as dropped (``destination_removed``), and chunks nobody needs
-        any more are deleted. Blocks briefly on the database (call it at startup)."""
+        any more are deleted. Blocks briefly on the database (call it at startup, before the first append)."""
         dests = list(dict.fromkeys(destinations))
         acked, pending, removed = self._store.register(dests, self._last_id)
         for dest, count in removed.items():
@@ -846,10 +940,12 @@ class Spool:
         self._dests = dests
 
     async def append(self, records: list[Record], checkpoints: Mapping[str, str] | None = None) -> None:
-        """Stage ``records`` (persisted within ``flush_interval_s``, at once when ``chunk_max_bytes`` are staged)
-        and ``checkpoints`` (persisted in the same transaction as these records). Never waits on a destination;
-        waits for the disk only when :data:`STAGED_MAX_CHUNKS` chunks are staged (or when a chunk is full and
-        :meth:`run` is not running).
+        """Stage ``records`` and ``checkpoints``; each full chunk (``chunk_max_bytes``) is sealed at once and handed
+        to the destinations, the rest within ``flush_interval_s``. Sealed chunks are persisted in the background by
+        :meth:`run` (write-behind, see the module docstring), ``checkpoints`` in the same transaction as these
+        records, never before. Never waits on a destination; waits for the disk only when more than
+        :data:`UNWRITTEN_MAX_CHUNKS` + :data:`STAGED_MAX_CHUNKS` chunks wait to be written (or, when :meth:`run` is
+        not running, to write each full chunk itself).
 
         Raises:
             RuntimeError: after :meth:`close_input`.
@@ -867,30 +963,46 @@ class Spool:
             self._staged.extend(records)
             self._staged_bytes += records_size(records)
             if self._staged_bytes >= self._chunk_max_bytes:
-                if self._running and self._staged_bytes <= STAGED_MAX_CHUNKS * self._chunk_max_bytes:
-                    self._wakeup.set()  # run() writes it while the caller goes on
-                else:
+                self._seal()
+                if not self._running:
                     await self.flush()
+                elif self._unwritten_bytes > (UNWRITTEN_MAX_CHUNKS + STAGED_MAX_CHUNKS) * self._chunk_max_bytes:
+                    await self._persist(everything=True)  # the disk does not keep up: wait for it
+                else:
+                    self._wakeup.set()
 
     def load_checkpoints(self) -> dict[str, str]:
         """The checkpoints persisted so far (with their records)."""
         return dict(self._checkpoints)
 
     async def run(self) -> None:
-        """Persist staged records ``flush_interval_s`` after the first of them was appended, or as soon as a chunk
-        is full; returns after :meth:`close_input`."""
+        """Seal staged records ``flush_interval_s`` after the first of them was appended; persist each sealed chunk
+        at its deadline, at once when more than :data:`UNWRITTEN_MAX_CHUNKS` wait, or not at all when every
+        destination acknowledged it first (then only its checkpoints are committed); returns after
+        :meth:`close_input`."""
         self._running = True
         try:
             while not self._input_closed:
-                if not self._staged and not self._staged_checkpoints:
+                now = trio.current_time()
+                wake_at = math.inf
+                if self._staged or self._staged_checkpoints:
+                    deadline = self._staged_since + self._flush_interval_s
+                    if now >= deadline or self._staged_bytes >= self._chunk_max_bytes:
+                        self._seal()
+                    else:
+                        wake_at = deadline
+                if self._unwritten:
+                    oldest = next(iter(self._unwritten.values()))
+                    if (
+                        self._acked_unwritten()
+                        or oldest.deadline <= now
+                        or self._unwritten_bytes > UNWRITTEN_MAX_CHUNKS * self._chunk_max_bytes
+                    ):
+                        await self._persist(everything=False)
+                        continue
+                    wake_at = min(wake_at, oldest.deadline)
+                with trio.move_on_at(wake_at):
                     await self._wait_wakeup()
-                    continue
-                deadline = self._staged_since + self._flush_interval_s
-                if self._staged_bytes < self._chunk_max_bytes and trio.current_time() < deadline:
-                    with trio.move_on_at(deadline):
-                        await self._wait_wakeup()
-                    continue
-                await self.flush()
         finally:
             self._running = False
 
@@ -899,9 +1011,9 @@ class Spool:
         self._wakeup = trio.Event()
 
     async def next_chunk(self, destination: str) -> Chunk | None:
-        """The next persisted chunk after the last one handed to ``destination`` (from its cursor after a restart);
-        waits for one; ``None`` once the input is closed and every chunk was handed out. The newest chunks come
-        from memory, older ones are read from disk one at a time.
+        """The next chunk after the last one handed to ``destination`` (from its cursor after a restart); waits for
+        one; ``None`` once the input is closed and every chunk was handed out. Chunks are handed out when sealed,
+        before they are persisted; the newest come from memory, older ones are read from disk one at a time.
 
         Raises:
             KeyError: ``destination`` is not registered.
@@ -914,19 +1026,24 @@ class Spool:
 
     async def wait_for_readers(self) -> None:
         """Wait while a destination that is not stalled lags more than
-        :data:`~forwarder.delivery.buffer.MAX_READ_LAG_CHUNKS` chunks behind the newest one (records staged or being
-        written count as the chunks they will become; see
-        :meth:`~forwarder.delivery.buffer.Buffer.wait_for_readers`); returns at once after :meth:`close_input`."""
+        :data:`~forwarder.delivery.buffer.MAX_READ_LAG_CHUNKS` chunks behind the newest one (staged records count
+        as the chunks they will become; see :meth:`~forwarder.delivery.buffer.Buffer.wait_for_readers`); returns at
+        once after :meth:`close_input`."""
         await self._pacer.wait_while(self._lagging)
 
     def _lagging(self) -> bool:
         if self._input_closed:
             return False
-        # Staged and in-flight records count as the chunks they will become.
-        unwritten = self._staged_bytes + self._flushing_bytes
-        newest = self._last_id + -(-unwritten // self._chunk_max_bytes)
+        # Staged records count as the chunks they will become.
+        newest = self._last_id + -(-self._staged_bytes // self._chunk_max_bytes)
         read = self._read
         return any(newest - read[d] > MAX_READ_LAG_CHUNKS for d in self._pacer.active(self._dests))
+
+    def _in_memory(self, cid: int) -> Chunk | None:
+        sealed = self._unwritten.get(cid)
+        if sealed is not None:
+            return sealed.chunk
+        return self._cache.get(cid) or self._loaded.get(cid)
 
     async def _next_chunk(self, destination: str) -> Chunk | None:
         while True:
@@ -934,13 +1051,17 @@ class Spool:
                 return None
             after = self._read[destination]
             if after < self._last_id:
-                chunk = self._cache.get(after + 1) or self._loaded.get(after + 1)
+                chunk = self._in_memory(after + 1)
+                if chunk is None and after + 1 in self._failed:  # counted when its write failed
+                    self._read[destination] = after + 1
+                    self._forget_failed()
+                    continue
                 if chunk is None:
                     loading = self._loading.get(after)
                     if loading is not None:  # another destination is reading this very chunk: share it
                         await loading.wait()
                         continue
-                    last = self._last_id
+                    last = min(self._last_id, min(self._unwritten, default=self._last_id + 1) - 1)
                     self._loading[after] = done = trio.Event()
                     try:
                         chunk, cid, n = await trio.to_thread.run_sync(_load_chunk, self._store, after)
@@ -958,8 +1079,11 @@ class Spool:
                             pass
                         continue
                     if chunk is None:
-                        if cid is None:  # nothing after `after` although last_id says so: skip the gap
-                            self._read[destination] = max(after, last)
+                        if cid is None:
+                            # Nothing on disk after `after` although `last` says so: skip the gap, up to the next
+                            # chunk in memory if any (sealed chunks are newer than every stored one).
+                            newer = [c for c in (*self._unwritten, *self._cache, *self._failed) if after < c <= last]
+                            self._read[destination] = max(after, min(newer, default=last + 1) - 1)
                             continue
                         self._read[destination] = cid
                         self._out[destination][cid] = n
@@ -970,14 +1094,14 @@ class Spool:
                 self._prune_cache()
                 self._prune_loaded()
                 return chunk
-            if self._input_closed and not self._staged and not self._flushing:
+            if self._input_closed and not self._staged:
                 return None
             await self._changed.wait()
 
     async def ack(self, destination: str, chunk_id: int) -> None:
         """``destination`` is done with every chunk up to ``chunk_id`` (delivered or deliberately dropped); its
-        cursor is persisted and chunks every destination is done with are deleted. A ``chunk_id`` beyond the last
-        chunk handed out is clamped to it.
+        cursor is persisted and chunks every destination is done with are deleted (or, not yet written, never
+        written). A ``chunk_id`` beyond the last chunk handed out is clamped to it.
 
         Raises:
             KeyError: ``destination`` is not registered.
@@ -995,14 +1119,70 @@ class Spool:
         done = [c for c in out if c <= target]
         self._pending[destination] -= sum(out.pop(c) for c in done)
         self._acked[destination] = target
-        floor = min(self._acked.values())
-        await trio.to_thread.run_sync(self._store.ack, destination, target, floor)
+        if self._acked_unwritten():
+            # Every destination now has the oldest unwritten chunks: skip writing them (under the flush lock, which
+            # also waits for a write under way, so that their checkpoints are committed in chunk order).
+            async with self._flush_lock:
+                if self._closed:
+                    return  # aclose() got there first: this cursor is not persisted (delivered again, at-least-once)
+                if self._acked_unwritten():
+                    await self._ack_eliding(destination, target)
+                    return
+        await trio.to_thread.run_sync(self._store.ack, destination, target, self._floor())
+
+    def _acked_unwritten(self) -> int:
+        """How many of the oldest unwritten chunks every destination has acknowledged."""
+        floor = self._floor()
+        count = 0
+        for cid in self._unwritten:
+            if cid > floor:
+                break
+            count += 1
+        return count
+
+    @staticmethod
+    def _seal_end(sealed: list[_Sealed], count: int) -> int:
+        """``count`` (a prefix of ``sealed``) extended to the end of the seal its last chunk belongs to: the chunks
+        of one seal are persisted (or skipped) together, in one transaction with the checkpoints that ride on the
+        last of them, so that no record is delivered and acknowledged while the checkpoint covering it can only
+        become durable later (after a crash, the source would read it again: more than the chunk in flight)."""
+        while count and not sealed[count - 1].closes:
+            count += 1
+        return count
+
+    async def _ack_eliding(self, destination: str, target: int) -> None:
+        """:meth:`ack` when every destination has now acknowledged the oldest unwritten chunks (flush lock held):
+        they are never written. When they end a seal, their checkpoints are committed in the transaction that moves
+        the cursor and deletes what every destination acknowledged; when they end inside one, the rest of that seal
+        is written with the seal's checkpoints and the cursor in one transaction (as if the seal had been written
+        whole and the chunks deleted). Either way, what a destination acknowledged is never read again from the
+        source after a crash."""
+        sealed = list(self._unwritten.values())
+        elided = self._acked_unwritten()
+        due = self._seal_end(sealed, elided)
+        if due > elided:
+            await self._persist_taken(sealed[:due], elided, cursor=(destination, target))
+            if not self._closed:
+                await trio.to_thread.run_sync(self._store.ack, destination, target, self._floor())
+            return
+        taken = sealed[:elided]
+        checkpoints: dict[str, str] = {}
+        for s in taken:
+            if s.checkpoints:
+                checkpoints.update(s.checkpoints)
+        upto = taken[-1].chunk.id
+        await trio.to_thread.run_sync(self._store.ack, destination, target, self._floor(), upto, checkpoints)
+        for s in taken:
+            del self._unwritten[s.chunk.id]
+            self._unwritten_bytes -= s.chunk.size
+        self._elided += len(taken)
+        apply_checkpoints(self._checkpoints, checkpoints)
 
     def pending(self, destination: str) -> int:
         """Records appended but not yet acknowledged by ``destination`` (staged ones included); 0 if unknown."""
         if destination not in self._pending:
             return 0
-        return self._pending[destination] + len(self._staged) + self._flushing
+        return self._pending[destination] + len(self._staged)
 
     def stored_bytes(self) -> int:
         """Bytes of chunk data on disk (compressed), plus :data:`CHUNK_ROW_OVERHEAD_BYTES` per chunk."""
@@ -1013,7 +1193,7 @@ class Spool:
         return self._store.stored_chunks
 
     async def close_input(self) -> None:
-        """No more appends: persist what is staged; readers get ``None`` after the last chunk."""
+        """No more appends: persist what is staged or unwritten; readers get ``None`` after the last chunk."""
         if self._input_closed:
             return
         self._input_closed = True
@@ -1022,9 +1202,9 @@ class Spool:
         self._wake()
 
     async def aclose(self) -> None:
-        """Persist what is staged (shielded from cancellation, so a clean shutdown loses nothing appended), count
-        discarded in-flight chunks never acknowledged, close the database and release the directory lock. What was
-        not acknowledged stays for the next start."""
+        """Persist what is staged or unwritten (shielded from cancellation, so a clean shutdown loses nothing
+        appended), count discarded in-flight chunks never acknowledged, close the database and release the
+        directory lock. What was not acknowledged stays for the next start."""
         if self._closed:
             return
         with trio.CancelScope(shield=True):
@@ -1033,9 +1213,12 @@ class Spool:
                 self._closed = True
             self._wake()
             for dest, lost in self._lost.items():
-                count = sum(lost.values())
-                if count:
-                    self._drop(dest, count, SPOOL_FULL)
+                by_reason: Counter[str] = Counter()
+                for count, reason in lost.values():
+                    by_reason[reason] += count
+                for reason, count in by_reason.items():
+                    if count:
+                        self._drop(dest, count, reason)
                 lost.clear()
             await trio.to_thread.run_sync(self._store.close)
         if self._lock_fd is not None:
@@ -1045,46 +1228,117 @@ class Spool:
     # -- beyond the protocol ------------------------------------------------------------------------------------
 
     def held_bytes(self) -> int:
-        """Record bytes (:func:`~forwarder.delivery.buffer.records_size`) held in memory: staged, being written,
-        and cached (chunks handed out to destinations are theirs)."""
-        return self._staged_bytes + self._flushing_bytes + self._cache_bytes + self._loaded_bytes
+        """Record bytes (:func:`~forwarder.delivery.buffer.records_size`) held in memory: staged, sealed and not
+        yet written, and cached (chunks handed out to destinations are theirs)."""
+        return self._staged_bytes + self._unwritten_bytes + self._cache_bytes + self._loaded_bytes
 
     @property
     def last_chunk_id(self) -> int:
-        """Id of the newest persisted chunk (0 if none ever was)."""
+        """Id of the newest chunk sealed (handed out to destinations, persisted or not; 0 if none ever was)."""
         return self._last_id
 
+    @property
+    def elided_chunks(self) -> int:
+        """Chunks never written because every destination acknowledged them before their deadline (this run)."""
+        return self._elided
+
     async def flush(self) -> None:
-        """Persist the staged records and checkpoints now (one transaction; several chunks if more than
-        ``chunk_max_bytes`` are staged). A write error is logged and the records are counted as dropped
-        (``spool_error``, or ``spool_full`` when the disk is full) for every destination; it is not raised."""
-        async with self._flush_lock:
-            if self._closed or (not self._staged and not self._staged_checkpoints):
-                return
-            records, self._staged = self._staged, []
-            checkpoints, self._staged_checkpoints = self._staged_checkpoints, {}
-            groups = self._split(records, self._staged_bytes)
-            self._flushing_bytes, self._staged_bytes = self._staged_bytes, 0
-            chunks = [Chunk(self._next_id + i, group, size) for i, (group, size) in enumerate(groups)]
-            self._next_id += len(chunks)
-            self._flushing = len(records)
-            try:
-                result, reason = await self._write(chunks, checkpoints)
-            finally:
-                self._flushing = self._flushing_bytes = 0
-            if result.error is not None:
-                self._applied([], {}, result)  # chunks discarded to make room before the failure
-                for dest in self._dests:
-                    self._drop(dest, len(records), reason)
-                for key, value in checkpoints.items():
-                    self._staged_checkpoints.setdefault(key, value)
-            else:
-                self._applied(chunks, checkpoints, result)
-            self._wake()
+        """Seal the staged records and persist every unwritten chunk and checkpoint now (one transaction; chunks
+        every destination has acknowledged are not written, only their checkpoints). A write error is logged and
+        the records are counted as dropped (``spool_error``, or ``spool_full`` when the disk is full) for every
+        destination that had not delivered them; it is not raised."""
+        if not self._closed and (self._staged or self._staged_checkpoints):
+            self._seal()
+        await self._persist(everything=True)
 
     # -- internals ----------------------------------------------------------------------------------------------
 
-    async def _write(self, chunks: list[Chunk], checkpoints: dict[str, str]) -> tuple[_WriteResult, str]:
+    def _floor(self) -> int:
+        """The highest chunk id every destination has acknowledged (0 with no destination)."""
+        return min(self._acked.values()) if self._dests else 0
+
+    def _seal(self) -> None:
+        """Cut the staged records into chunks (:meth:`_split`), give them ids and hand them to the readers
+        (:attr:`_unwritten`); the staged checkpoints go with the last one. A checkpoint-only stage becomes an empty
+        chunk."""
+        groups = self._split(self._staged, self._staged_bytes)
+        checkpoints, self._staged_checkpoints = self._staged_checkpoints or None, {}
+        self._staged, self._staged_bytes = [], 0
+        deadline = self._staged_since + self._flush_interval_s
+        last = len(groups) - 1
+        for i, (group, size) in enumerate(groups):
+            chunk = Chunk(self._next_id, group, size)
+            self._next_id += 1
+            self._last_id = chunk.id
+            self._unwritten[chunk.id] = _Sealed(chunk, deadline, checkpoints if i == last else None, i == last)
+            self._unwritten_bytes += size
+            n = len(group)
+            for dest in self._dests:
+                self._pending[dest] += n
+        self._prune_cache()
+        self._wake()
+
+    async def _persist(self, *, everything: bool) -> None:
+        """Persist the oldest unwritten chunks that are due (past their deadline, or beyond
+        :data:`UNWRITTEN_MAX_CHUNKS`; all with ``everything``), to the end of their seal, in one transaction, and
+        commit the checkpoints of those every destination has acknowledged without writing them. See :meth:`flush`
+        for errors."""
+        async with self._flush_lock:
+            if self._closed or not self._unwritten:
+                return
+            now = trio.current_time()
+            sealed = list(self._unwritten.values())
+            elided = self._acked_unwritten()
+            excess = self._unwritten_bytes - UNWRITTEN_MAX_CHUNKS * self._chunk_max_bytes
+            due = elided
+            for s in sealed[elided:]:
+                if not (everything or s.deadline <= now or excess > 0):
+                    break
+                excess -= s.chunk.size
+                due += 1
+            due = self._seal_end(sealed, due)
+            if due:
+                await self._persist_taken(sealed[:due], elided)
+
+    async def _persist_taken(self, taken: list[_Sealed], elided: int, cursor: tuple[str, int] | None = None) -> None:
+        """Persist ``taken`` (the oldest unwritten chunks, ending a seal; flush lock held) in one transaction: the
+        first ``elided`` (acknowledged by every destination) are not written, the others are; the checkpoints of
+        all are committed, and ``cursor`` (destination, chunk id), if given, is moved too."""
+        checkpoints: dict[str, str] = {}
+        for s in taken:
+            if s.checkpoints:
+                checkpoints.update(s.checkpoints)
+        chunks = [s.chunk for s in taken[elided:]]
+        elided_upto = taken[elided - 1].chunk.id if elided else 0
+        if chunks or checkpoints:
+            result, reason = await self._write(chunks, checkpoints, elided_upto, cursor)
+        else:
+            result, reason = _WriteResult([], []), ""
+        for s in taken:
+            del self._unwritten[s.chunk.id]
+            self._unwritten_bytes -= s.chunk.size
+        if result.error is not None:
+            self._applied([], {}, result)  # chunks discarded to make room before the failure
+            self._discard([(c.id, len(c.records)) for c in chunks], reason)
+            # Their positions still hold: the records are counted as dropped, not read again.
+            later = next(iter(self._unwritten.values()), None)
+            if later is not None:
+                later.checkpoints = {**checkpoints, **(later.checkpoints or {})}
+            else:
+                for key, value in checkpoints.items():
+                    self._staged_checkpoints.setdefault(key, value)
+        else:
+            self._elided += elided
+            self._applied(chunks, checkpoints, result)
+        self._wake()
+
+    async def _write(
+        self,
+        chunks: list[Chunk],
+        checkpoints: dict[str, str],
+        elided_upto: int,
+        cursor: tuple[str, int] | None = None,
+    ) -> tuple[_WriteResult, str]:
         """Run the write in a worker thread. Returns its result (with every chunk discarded to make room, also by a
         failed attempt) and, when it failed (logged here), the drop reason for its records."""
         store = self._store
@@ -1092,7 +1346,8 @@ class Spool:
         attempt = 1
         while True:
             level = self._level_for(sum(c.size for c in chunks))
-            result = await trio.to_thread.run_sync(store.write, chunks, checkpoints, self.max_bytes, level)
+            write = partial(store.write, elided_upto=elided_upto, cursor=cursor)
+            result = await trio.to_thread.run_sync(write, chunks, checkpoints, self.max_bytes, level)
             evicted += result.evicted
             result.evicted = evicted
             exc = result.error
@@ -1123,7 +1378,7 @@ class Spool:
     def _split(self, records: list[Record], total: int) -> list[tuple[list[Record], int]]:
         """Cut ``records`` (``total`` bytes by :func:`records_size`) into runs of about ``chunk_max_bytes``."""
         limit = self._chunk_max_bytes
-        if total <= limit:
+        if total < limit * (1 + SPLIT_TAIL_FRACTION):  # one run, its tail (if any) shorter than the fraction
             return [(records, total)]
         # Cumulative record bytes (C-level loops), then each cut found by bisection: a run ends at the first record
         # that brings it to ``limit`` bytes or more.
@@ -1137,47 +1392,66 @@ class Spool:
             if end >= count:
                 groups.append((records[start:], totals[-1] - base))
                 break
+            if totals[-1] - totals[end] < limit * SPLIT_TAIL_FRACTION:  # a short tail joins this run
+                groups.append((records[start:], totals[-1] - base))
+                break
             groups.append((records[start : end + 1], totals[end] - base))
             base = totals[end]
             start = end + 1
         return groups
 
     def _applied(self, chunks: list[Chunk], checkpoints: dict[str, str], result: _WriteResult) -> None:
-        """Bring the in-memory state in line with a committed write."""
+        """Bring the in-memory state in line with a committed write: its checkpoints, its chunks (cached while a
+        destination still reading has not had them), and the chunks it discarded to stay within the bound."""
         apply_checkpoints(self._checkpoints, checkpoints)
         evicted_ids = {cid for cid, _ in result.evicted}
         for chunk in chunks:
-            n = len(chunk.records)
-            self._last_id = chunk.id
-            for dest in self._dests:
-                self._pending[dest] += n
             if chunk.id not in evicted_ids:
                 self._cache_put(chunk)
         if not result.evicted:
             return
         last = result.evicted[-1][0]
         self._evicted_applied = max(self._evicted_applied, last)
+        self._discard(result.evicted, SPOOL_FULL)
+        for dest in self._dests:  # every chunk up to the last discarded one is gone: nobody reads them any more
+            self._acked[dest] = max(self._acked[dest], last)
+            self._read[dest] = max(self._read[dest], last)
+
+    def _discard(self, discarded: list[tuple[int, int]], reason: str) -> None:
+        """Account for the chunks ``discarded`` ((id, records), oldest first) for every destination: nothing for one
+        that acknowledged them; for one that holds them in flight, counted later unless it acknowledges them
+        (:attr:`_lost`); the others count them as dropped now. Chunks that are not the oldest ones left (a failed
+        write of sealed chunks) are remembered in :attr:`_failed` for the destinations to skip."""
         drops: Counter[str] = Counter()
-        for cid, n in result.evicted:
-            cached = self._cache.pop(cid, None)
-            if cached is not None:
-                self._cache_bytes -= cached.size
-            loaded = self._loaded.pop(cid, None)
-            if loaded is not None:
-                self._loaded_bytes -= loaded.size
+        stored_floor = self._evicted_applied
+        for cid, n in discarded:
+            for cache in (self._cache, self._loaded):
+                gone = cache.pop(cid, None)
+                if gone is not None:
+                    if cache is self._cache:
+                        self._cache_bytes -= gone.size
+                    else:
+                        self._loaded_bytes -= gone.size
+            if cid > stored_floor:
+                self._failed[cid] = n
             for dest in self._dests:
                 if self._acked[dest] >= cid:
                     continue
                 self._pending[dest] -= n
                 if self._read[dest] >= cid:  # in flight: the destination may still deliver it
-                    self._lost[dest][cid] = self._out[dest].pop(cid, n)
+                    self._lost[dest][cid] = (self._out[dest].pop(cid, n), reason)
                 else:
                     drops[dest] += n
-        for dest in self._dests:
-            self._acked[dest] = max(self._acked[dest], last)
-            self._read[dest] = max(self._read[dest], last)
+        self._forget_failed()
         for dest, count in drops.items():
-            self._drop(dest, count, SPOOL_FULL)
+            self._drop(dest, count, reason)
+
+    def _forget_failed(self) -> None:
+        """Forget the failed chunks every destination has gone past."""
+        if self._failed:
+            low = min(self._read.values(), default=self._last_id)
+            for cid in [c for c in self._failed if c <= low]:
+                del self._failed[cid]
 
     def _cache_put(self, chunk: Chunk) -> None:
         self._cache[chunk.id] = chunk
@@ -1185,8 +1459,9 @@ class Spool:
         self._prune_cache()
 
     def _prune_cache(self) -> None:
-        """Drop the oldest cached chunks while over the bound, or while every destination still reading has read
-        them (a destination stalled for :data:`STALLED_AFTER_S` keeps nothing here)."""
+        """Drop the oldest cached chunks while the cache and the unwritten chunks are over the bound, or while
+        every destination still reading has read them (a destination stalled for :data:`STALLED_AFTER_S` keeps
+        nothing here)."""
         cache = self._cache
         if not cache:
             return
@@ -1194,7 +1469,9 @@ class Spool:
         active = self._pacer.active(self._dests)
         while cache:
             oldest = next(iter(cache))
-            if self._cache_bytes <= self._cache_max_bytes and any(read[d] < oldest for d in active):
+            if self._cache_bytes + self._unwritten_bytes <= self._cache_max_bytes and any(
+                read[d] < oldest for d in active
+            ):
                 return
             self._cache_bytes -= cache.pop(oldest).size
 

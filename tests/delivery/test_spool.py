@@ -256,7 +256,7 @@ async def test_large_append_is_cut_into_chunks(spool_dir: Path) -> None:
         assert spool.stored_chunks() >= 10
         await spool.close_input()
         chunks = await read_all(spool, "a")
-        assert all(c.size <= 10_000 + 200 for c in chunks)
+        assert all(c.size < 2 * 10_000 + 200 for c in chunks)  # a short tail joins its chunk (SPLIT_TAIL_FRACTION)
         assert [n for c in chunks for n in numbers(c.records)] == list(range(1000))
     finally:
         await spool.aclose()
@@ -271,15 +271,139 @@ async def test_run_persists_staged_records_after_the_interval(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(spool.run)
             start = trio.current_time()
-            await spool.append(numbered(0, 5))
+            await spool.append(records := numbered(0, 5))
             assert db_rows(spool_dir, "SELECT count(*) FROM chunks") == [(0,)]  # staged, not yet persisted
-            chunk = await spool.next_chunk("a")
+            chunk = await spool.next_chunk("a")  # sealed and handed out at the interval
             assert trio.current_time() - start >= 0.25
-            assert chunk is not None and numbers(chunk.records) == list(range(5))
-            assert db_rows(spool_dir, "SELECT count(*) FROM chunks") == [(1,)]
+            assert chunk is not None and chunk.records == records
+            await trio.testing.wait_all_tasks_blocked()  # run() is writing it (in a worker thread, under the lock)
+            async with spool._flush_lock:
+                pass
+            # not acknowledged by its deadline (the same moment, at 0.25 s): written
+            assert db_rows(spool_dir, "SELECT id, n_records FROM chunks") == [(chunk.id, 5)]
             await spool.close_input()  # run() returns
     finally:
         await spool.aclose()
+
+
+async def test_a_chunk_every_destination_acknowledges_before_its_deadline_is_never_written(
+    spool_dir: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Write-behind: a full chunk is handed out at once; when the last destination acknowledges it before its
+    deadline, its checkpoint is committed with that acknowledgement and the chunk is never written. A chunk one
+    destination has not acknowledged by its deadline is written then. Ids of chunks never written are not reused
+    after a restart."""
+    spool = Spool.open(spool_dir, max_bytes=64 * MiB, chunk_max_bytes=4096, flush_interval_s=0.25)
+    try:
+        spool.register(["a", "b"])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(spool.run)
+            await trio.testing.wait_all_tasks_blocked()  # run() is running: appends leave the writing to it
+            first = numbered(0, 40, pad=100)  # ~6.5 kB: a full chunk, sealed by the append itself
+            await spool.append(first, {"k": "40"})
+            got_a, got_b = await spool.next_chunk("a"), await spool.next_chunk("b")
+            assert trio.current_time() == 0  # at once, not after the interval (the clock only moves when told)
+            assert got_a is got_b and got_a is not None and got_a.records == first
+            await spool.ack("a", got_a.id)
+            assert db_rows(spool_dir, "SELECT count(*) FROM checkpoints") == [(0,)]  # b has not delivered it
+            await spool.ack("b", got_a.id)
+            # committed by b's acknowledgement itself: checkpoint and cursors, no row, no file, ever
+            assert db_rows(spool_dir, "SELECT key, value FROM checkpoints") == [("k", "40")]
+            assert db_rows(spool_dir, "SELECT destination, acked_id FROM cursors ORDER BY 1") == [
+                ("a", got_a.id),
+                ("b", got_a.id),
+            ]
+            assert spool.load_checkpoints() == {"k": "40"}
+            mock_clock.jump(1)  # long past its deadline
+            await trio.testing.wait_all_tasks_blocked()
+            assert db_rows(spool_dir, "SELECT count(*) FROM chunks") == [(0,)] and chunk_files(spool_dir) == []
+            assert spool.elided_chunks == 1
+
+            second = numbered(40, 40, pad=100)
+            await spool.append(second, {"k": "80"})
+            got = await spool.next_chunk("a")
+            assert got is not None and got.records == second
+            await spool.ack("a", got.id)  # b never acknowledges it
+            mock_clock.jump(0.3)  # its deadline passes: written with its checkpoint
+            await trio.testing.wait_all_tasks_blocked()
+            async with spool._flush_lock:
+                pass
+            assert db_rows(spool_dir, "SELECT id, n_records FROM chunks") == [(got.id, 40)]
+            assert chunk_files(spool_dir) == [got.id]
+            assert db_rows(spool_dir, "SELECT value FROM checkpoints") == [("80",)]
+            assert spool.elided_chunks == 1
+            await spool.close_input()
+    finally:
+        await spool.aclose()
+
+    reopened = Spool.open(spool_dir, max_bytes=64 * MiB, chunk_max_bytes=4096)
+    try:
+        reopened.register(["a", "b"])
+        assert reopened.pending("a") == 0 and reopened.pending("b") == 40
+        await reopened.append(numbered(80, 1))
+        await reopened.close_input()
+        b_chunks = await read_all(reopened, "b")
+        assert [numbers(c.records)[0] for c in b_chunks] == [40, 80]
+        assert b_chunks[-1].id > got.id > got_a.id  # ids of chunks never written are not reused
+    finally:
+        await reopened.aclose()
+
+
+async def test_acknowledging_the_first_chunks_of_a_seal_writes_the_rest_with_its_checkpoint(
+    spool_dir: Path, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An append larger than a chunk is sealed into several chunks, and its checkpoint rides on the last. When every
+    destination has acknowledged the first ones, the rest of the seal is written with that checkpoint and the
+    cursor in one transaction (the first ones never are): the records delivered are then covered by a durable
+    checkpoint, and the others are on disk, so a crash now reads nothing again from the source. (The store's own
+    ack, which follows to delete what every destination acknowledged, is made to fail as a crash would.)"""
+
+    class KilledError(Exception):
+        pass
+
+    def killed(*args: object) -> None:
+        raise KilledError
+
+    spool = Spool.open(spool_dir, max_bytes=64 * MiB, chunk_max_bytes=4096, flush_interval_s=0.25)
+    try:
+        spool.register(["a", "b"])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(spool.run)
+            await trio.testing.wait_all_tasks_blocked()
+            records = numbered(0, 100, pad=100)  # ~17 kB: three chunks or more
+            await spool.append(records, {"k": "100"})
+            first, second = await spool.next_chunk("a"), await spool.next_chunk("a")
+            assert first is not None and second is not None and len(first.records) + len(second.records) < 100
+            await spool.ack("a", first.id)
+            assert await spool.next_chunk("b") is first and await spool.next_chunk("b") is second
+            monkeypatch.setattr(spool._store, "ack", killed)
+            with pytest.raises(KilledError):
+                await spool.ack("b", second.id)  # every destination has the first chunk now
+            monkeypatch.undo()
+            rows = db_rows(spool_dir, "SELECT id, n_records FROM chunks ORDER BY id")
+            assert [cid for cid, _ in rows] == list(range(second.id, spool.last_chunk_id + 1))
+            assert sum(int(str(n)) for _, n in rows) == 100 - len(first.records)
+            assert chunk_files(spool_dir) == [cid for cid, _ in rows]
+            assert db_rows(spool_dir, "SELECT key, value FROM checkpoints") == [("k", "100")]
+            assert db_rows(spool_dir, "SELECT destination, acked_id FROM cursors ORDER BY 1") == [
+                ("a", first.id),
+                ("b", second.id),
+            ]
+            assert spool.elided_chunks == 1
+            await spool.close_input()
+    finally:
+        await spool.aclose()
+
+    reopened = Spool.open(spool_dir, max_bytes=64 * MiB, chunk_max_bytes=4096)
+    try:
+        reopened.register(["a", "b"])
+        await reopened.close_input()
+        rest = [r for c in await read_all(reopened, "a") for r in c.records]
+        assert numbers(rest) == list(range(len(first.records), 100))
+        rest = [r for c in await read_all(reopened, "b") for r in c.records]
+        assert numbers(rest) == list(range(len(first.records) + len(second.records), 100))
+    finally:
+        await reopened.aclose()
 
 
 async def test_destinations_have_independent_cursors_and_chunks_go_when_all_acked(
@@ -955,12 +1079,14 @@ async def test_chunks_are_compressed_only_when_it_pays(spool_dir: Path, autojump
 
 
 def _split_reference(records: list[Record], limit: int) -> list[tuple[list[Record], int]]:
-    """The record-by-record cut the spool makes (a run ends at the first record that brings it to ``limit``)."""
+    """The record-by-record cut the spool makes: a run ends at the first record that brings it to ``limit``, unless
+    what is left after it is shorter than ``limit`` (SPLIT_TAIL_FRACTION = 1): then the rest joins it."""
+    sizes = [len(r.message) + RECORD_OVERHEAD_BYTES for r in records]
     groups: list[tuple[list[Record], int]] = []
     start = size = 0
-    for i, r in enumerate(records):
-        size += len(r.message) + RECORD_OVERHEAD_BYTES
-        if size >= limit:
+    for i, n in enumerate(sizes):
+        size += n
+        if size >= limit and sum(sizes[i + 1 :]) >= limit:
             groups.append((records[start : i + 1], size))
             start, size = i + 1, 0
     if start < len(records):
@@ -975,8 +1101,6 @@ async def test_staged_records_are_cut_into_chunks_like_record_by_record(spool_di
         for _ in range(200):
             records = [Record(i, "x" * rng.choice([0, 1, 50, 500, 4000, 9000]), "stdout", TAGS) for i in range(40)]
             total = records_size(records)
-            assert spool._split(records, total) == (
-                [(records, total)] if total <= 4096 else _split_reference(records, 4096)
-            )
+            assert spool._split(records, total) == _split_reference(records, 4096)
     finally:
         await spool.aclose()

@@ -307,7 +307,7 @@ for start in range(0, count, batch):
 
 def test_sigkill_mid_file_then_restart_resumes_at_the_checkpoint(tail_env: dict[str, str], tmp_path: Path) -> None:
     from forwarder.delivery.buffer import RECORD_OVERHEAD_BYTES
-    from forwarder.delivery.spool import DEFAULT_CHUNK_MAX_BYTES
+    from forwarder.delivery.spool import DEFAULT_CHUNK_MAX_BYTES, SPLIT_TAIL_FRACTION
 
     env = dict(tail_env, FORWARDER_BUFFER="disk")
     state = Path(env["FORWARDER_STATE_DIR"])
@@ -341,7 +341,9 @@ def test_sigkill_mid_file_then_restart_resumes_at_the_checkpoint(tail_env: dict[
     twice = sorted(seq for seq, c in counts.items() if c > 1)
     assert all(counts[seq] == 2 for seq in twice)
     # Duplicates: only the chunk the file sink had written but not acknowledged when killed (one contiguous run).
-    per_chunk = DEFAULT_CHUNK_MAX_BYTES // (len("k 0000000  text line") + RECORD_OVERHEAD_BYTES) + 1
+    # A chunk holds up to (1 + SPLIT_TAIL_FRACTION) x DEFAULT_CHUNK_MAX_BYTES of records (a short tail joins it).
+    max_chunk_bytes = int(DEFAULT_CHUNK_MAX_BYTES * (1 + SPLIT_TAIL_FRACTION))
+    per_chunk = max_chunk_bytes // (len("k 0000000  text line") + RECORD_OVERHEAD_BYTES) + 1
     assert len(twice) <= per_chunk
     if twice:
         assert twice[-1] - twice[0] + 1 == len(twice)
