@@ -1162,8 +1162,8 @@ class Spool:
         due = self._seal_end(sealed, elided)
         if due > elided:
             await self._persist_taken(sealed[:due], elided, cursor=(destination, target))
-            if not self._closed:
-                await trio.to_thread.run_sync(self._store.ack, destination, target, self._floor())
+            # Then delete the stored chunks every destination has acknowledged (the cursor is persisted already).
+            await trio.to_thread.run_sync(self._store.ack, destination, target, self._floor())
             return
         taken = sealed[:elided]
         checkpoints: dict[str, str] = {}
