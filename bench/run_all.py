@@ -11,7 +11,7 @@ b. the same with Datadog, New Relic, Sentry and CloudWatch Logs enabled, all aga
    (CloudWatch: a minimal PutLogEvents endpoint of the intake speaking the AWS JSON 1.1 protocol; moto stores and
    validates every event and does not keep up at these rates).
 c. ``forwarder run -- CHILD``: a child writing 1,000,000 lines as fast as it can; its own elapsed time versus
-   writing to /dev/null (the child of ``bench/bench_run.py``).
+   writing to /dev/null (the child of ``bench/bench_run.py``), and the floor: the same child writing into ``cat``.
 d. latency: a child writes 2,000 lines/s for 10 s, each embedding its send time; the intake records arrival
    time - send time; p50/p99 with the default flush settings.
 e. outage: ``tail`` of a file written at 10,000 lines/s for 60 s (``--quick``: 15 s) while the only destination
@@ -331,6 +331,8 @@ def scenario_run_child(work: Path, n: int, buffer: str) -> dict[str, Any]:
         out["child_devnull_s"] = round(
             float(bench_run.run_child(n, "devnull", buffer, Path(tmp), "logger")["child_s"]), 3
         )
+    with tempfile.TemporaryDirectory(dir=work) as tmp:  # the floor: the cheapest pipe reader there is
+        out["child_into_cat_s"] = round(float(bench_run.run_child(n, "cat", buffer, Path(tmp), "logger")["child_s"]), 3)
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         t0 = time.perf_counter()
         before = resource_children()
@@ -344,6 +346,7 @@ def scenario_run_child(work: Path, n: int, buffer: str) -> dict[str, Any]:
         # /dev/null time, so the difference is an upper bound of the forwarder's share.
         out["tree_cpu_s"] = round(after[0] - before[0], 3)
     out["slowdown"] = round(out["child_under_forwarder_s"] / out["child_devnull_s"], 3)
+    out["slowdown_cat_floor"] = round(out["child_into_cat_s"] / out["child_devnull_s"], 3)
     out["forwarder_cpu_s_per_m_lines_approx"] = round((out["tree_cpu_s"] - out["child_devnull_s"]) / n * 1e6, 2)
     return out
 
@@ -538,7 +541,8 @@ def _summary(key: str, r: dict[str, Any]) -> str:
     if key == "c":
         return (
             f"slowdown {r['slowdown']}x (devnull {r['child_devnull_s']} s, under forwarder "
-            f"{r['child_under_forwarder_s']} s; all delivered {r['forwarder_total_s']} s) complete={r['complete']}"
+            f"{r['child_under_forwarder_s']} s; all delivered {r['forwarder_total_s']} s) complete={r['complete']}; "
+            f"the floor, into cat: {r['slowdown_cat_floor']}x"
         )
     if key == "d":
         return f"p50 {r['p50_s']} s p99 {r['p99_s']} s max {r['max_s']} s complete={r['complete']}"
