@@ -25,6 +25,8 @@ x86-64/aarch64 and macOS): its level 1 costs ~0.26 us per 300-byte log record wh
 for the same ratio (~9x on agent logs)."""
 
 USER_AGENT: Final = "forwarder/0.1"
+URL_CACHE_SIZE: Final = 16
+"""Parsed URLs an :class:`HttpClient` keeps (a destination posts to one or two)."""
 
 
 def make_client(http: HttpSettings) -> HttpClient:
@@ -56,6 +58,7 @@ class HttpClient:
             trust_env=False,
         )
         self._timeout = httpx.Timeout(http.timeout_s).as_dict()
+        self._urls: dict[tuple[str, tuple[tuple[str, str], ...]], httpx.URL] = {}
 
     async def post(
         self,
@@ -73,8 +76,7 @@ class HttpClient:
         """
         request = httpx.Request(
             "POST",
-            url,
-            params=params,
+            self._parsed(url, params),
             headers={"User-Agent": USER_AGENT, **headers},
             content=content,
             extensions={"timeout": self._timeout},  # a dict per request, as httpx.AsyncClient gives
@@ -85,6 +87,20 @@ class HttpClient:
         finally:
             await response.aclose()
         return response
+
+    def _parsed(self, url: str, params: Mapping[str, str] | None) -> httpx.URL:
+        """``url`` with ``params`` merged into its query, parsed once: ``httpx.Request`` would parse the string on
+        every request (~50 us of CPU each, ~10% of a request's cost here; Sentry sends 10,000 per million lines)."""
+        key = (url, tuple(params.items()) if params else ())
+        parsed = self._urls.get(key)
+        if parsed is None:
+            parsed = httpx.URL(url)
+            if params:
+                parsed = parsed.copy_merge_params(params)
+            if len(self._urls) >= URL_CACHE_SIZE:
+                self._urls.clear()
+            self._urls[key] = parsed
+        return parsed
 
     async def aclose(self) -> None:
         """Close every pooled connection."""
