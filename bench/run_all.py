@@ -19,7 +19,9 @@ e. outage: ``tail`` of a file written at 10,000 lines/s for 60 s (``--quick``: 1
 
 Measured per run: wall time from spawning the forwarder until the intake counted the last record (lines/s, MiB/s of
 input), CPU seconds (user + sys of the forwarder process tree, from ``wait4``), peak RSS (``ru_maxrss`` and the
-highest sampled ``VmRSS``), records counted at the intake per destination, and the intake's own CPU seconds.
+highest sampled ``VmRSS``), records counted at the intake per destination, and the intake's own CPU seconds; for
+(a) and (b) also the seconds until the first record arrived, the rate between 10% and 90% of the records, and the
+seconds for the last 10%.
 """
 
 from __future__ import annotations
@@ -241,6 +243,7 @@ def run_forwarder(
     done_at: float | None = None
     counts: dict[str, int] = {}
     last_sample = 0.0
+    progress: list[tuple[float, int]] = []  # (seconds since spawn, records counted by the slowest destination)
     while True:
         now = time.perf_counter()
         # VmHWM: the kernel's high-water mark of this process image (since exec). wait4's ru_maxrss is not used:
@@ -248,6 +251,7 @@ def run_forwarder(
         peak_rss = max(peak_rss, _vm_rss_kib(proc.pid, "VmHWM:"))
         st = intake.stats()
         counts = {k: st["counts"][k] - base_counts[k] for k in expect}
+        progress.append((now - started, min(counts.values(), default=0)))
         if state is not None and now - last_sample >= 1.0:
             samples.append((round(now - started, 2), _vm_rss_kib(proc.pid), _dir_bytes(state)))
             last_sample = now
@@ -282,8 +286,26 @@ def run_forwarder(
         "intake_cpu_s": round(after["cpu_s"] - before["cpu_s"], 3),
         "intake_requests": after["requests"] - before["requests"],
         "samples": samples,
+        **_phases(progress, min(expect.values(), default=0)),
         "stderr_tail": stderr[-1500:] if (done_at is None or any(counts[k] != n for k, n in expect.items())) else "",
     }
+
+
+def _phases(progress: list[tuple[float, int]], total: int) -> dict[str, Any]:
+    """Where the wall time went: seconds until the first record arrived (start-up: imports, the spool, the first
+    chunk's round trip), the rate between 10% and 90% of the records (the pipeline itself), and seconds from 90% to
+    the last one (the last chunks wait for ``FORWARDER_FLUSH_INTERVAL``, as a tail cannot know the file is done)."""
+    first = next((t for t, n in progress if n > 0), None)
+    lo = next((t for t, n in progress if n >= total * 0.1), None)
+    hi = next(((t, n) for t, n in progress if n >= total * 0.9), None)
+    last = next((t for t, n in progress if n >= total), None)
+    out: dict[str, Any] = {"first_record_s": None if first is None else round(first, 2)}
+    if lo is not None and hi is not None and hi[0] > lo:
+        lo_n = next(n for t, n in progress if t == lo)
+        out["steady_lines_per_s"] = round((hi[1] - lo_n) / (hi[0] - lo))
+    if hi is not None and last is not None:
+        out["last_10pct_s"] = round(last - hi[0], 2)
+    return out
 
 
 def _rates(res: dict[str, Any], lines: int, nbytes: int) -> dict[str, Any]:
@@ -536,7 +558,8 @@ def _summary(key: str, r: dict[str, Any]) -> str:
         return (
             f"{r['lines_per_s']:>9,} lines/s {r['mib_per_s']:6.1f} MiB/s {r['cpu_s_per_m_lines']:5.2f} CPU-s/M "
             f"RSS {r['peak_rss_mib']:5.1f} MiB complete={r['complete']} {r['counts']} "
-            f"(intake CPU {r['intake_cpu_s']} s)"
+            f"(intake CPU {r['intake_cpu_s']} s; first record after {r.get('first_record_s')} s, "
+            f"{r.get('steady_lines_per_s', 0):,} lines/s from 10% to 90%)"
         )
     if key == "c":
         return (
