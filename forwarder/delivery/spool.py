@@ -183,17 +183,20 @@ UNWRITTEN_MAX_CHUNKS: Final = 12
 :meth:`Spool.run` writes the oldest at once. 12 (6 MiB): a tailed block makes one chunk of ~1.8 x
 ``chunk_max_bytes``, and a destination that keeps up is about five chunks behind the newest (read lag, one being
 encoded, one being sent); with 8, bench (a) wrote two chunks in three instead of skipping nearly all. They count
-towards the cache's bound (:data:`CACHE_CHUNKS`): the cache gives way first."""
+towards the cache's bound (:data:`CACHE_CHUNKS`, as large): the cache gives way first."""
 STAGED_MAX_CHUNKS: Final = 2
 """While :meth:`Spool.run` is running, full chunks are written in the background and :meth:`Spool.append` returns at
 once; it waits for the disk only when more than :data:`UNWRITTEN_MAX_CHUNKS` plus this many ``chunk_max_bytes``
 wait to be written (memory bound). Without a running :meth:`Spool.run`, ``append`` writes each full chunk itself."""
-CACHE_CHUNKS: Final = 4
+CACHE_CHUNKS: Final = UNWRITTEN_MAX_CHUNKS
 """Newest chunks kept in memory after they were written, with the unwritten ones (:data:`UNWRITTEN_MAX_CHUNKS`), in
 units of ``chunk_max_bytes`` (record bytes; the Python
 objects take ~3-4x that); destinations that keep up, or lag by less than this, read them without touching the
 disk. A burst larger than this is read back from disk (~0.5-1 us of CPU per record, depending on the garbage
-collector's load: reading the file, orjson, building the records)."""
+collector's load: reading the file, orjson, building the records). As many as may wait unwritten, so the most
+record bytes the spool holds in memory is the same whether they were written yet or not: with 4 (2 MiB), the
+slower of four destinations in bench (b) read a written chunk back from disk that the faster ones had just read
+from memory; with 12, (b) used ~4% less CPU for the same peak RSS."""
 SHARED_LOADS_CHUNKS: Final = 2
 """A chunk read back from disk by one destination is kept (decoded) for the others that have not read it yet, in
 at most this many ``chunk_max_bytes``: with several destinations behind the cache (a burst, or after an outage),
