@@ -296,16 +296,16 @@ def _phases(progress: list[tuple[float, int]], total: int) -> dict[str, Any]:
     """Where the wall time went: seconds until the first record arrived (start-up: imports, the spool, the first
     chunk's round trip), the rate between 10% and 90% of the records (the pipeline itself), and seconds from 90% to
     the last one (the last chunks wait for ``FORWARDER_FLUSH_INTERVAL``, as a tail cannot know the file is done)."""
-    first = next((t for t, n in progress if n > 0), None)
-    lo = next((t for t, n in progress if n >= total * 0.1), None)
-    hi = next(((t, n) for t, n in progress if n >= total * 0.9), None)
-    last = next((t for t, n in progress if n >= total), None)
-    out: dict[str, Any] = {"first_record_s": None if first is None else round(first, 2)}
-    if lo is not None and hi is not None and hi[0] > lo:
-        lo_n = next(n for t, n in progress if t == lo)
-        out["steady_lines_per_s"] = round((hi[1] - lo_n) / (hi[0] - lo))
+
+    def reached(count: float) -> tuple[float, int] | None:
+        return next(((t, n) for t, n in progress if n >= count), None)
+
+    first, lo, hi, last = reached(1), reached(total * 0.1), reached(total * 0.9), reached(total)
+    out: dict[str, Any] = {"first_record_s": None if first is None else round(first[0], 2)}
+    if lo is not None and hi is not None and hi[0] > lo[0]:
+        out["steady_lines_per_s"] = round((hi[1] - lo[1]) / (hi[0] - lo[0]))
     if hi is not None and last is not None:
-        out["last_10pct_s"] = round(last - hi[0], 2)
+        out["last_10pct_s"] = round(last[0] - hi[0], 2)
     return out
 
 
