@@ -382,9 +382,11 @@ class Tailer:
 
         For each open file: its size now minus the offset of its checkpoint in ``persisted`` (the buffer's
         :meth:`CheckpointStore.load_checkpoints`), or minus the offset reading started at when none is persisted
-        yet (or the persisted one is past the end: the file was truncated). Files sharing a path (a rotated-away
-        file still being drained and its successor) are summed. Right after a truncation the figure is low until
-        the new checkpoint is persisted (within the flush interval). A file that cannot be ``fstat``-ed is left out.
+        yet (or the persisted one is past the end: the file was truncated). A deleted file still being drained has
+        no checkpoint (its checkpoints are removals: its inode may be reused): its size minus the last offset it
+        handed on. Files sharing a path (a rotated-away file still being drained and its successor) are summed.
+        Right after a truncation the figure is low until the new checkpoint is persisted (within the flush
+        interval). A file that cannot be ``fstat``-ed is left out.
         """
         lag: dict[str, int] = {}
         for follower in list(self.followers.values()):
@@ -394,7 +396,12 @@ class Tailer:
                 continue
             value = persisted.get(follower.key)
             pos = Position.loads(value) if value is not None else None
-            done = pos.offset if pos is not None and not pos.deleted and pos.offset <= size else follower.start
+            if pos is not None and not pos.deleted and pos.offset <= size:
+                done = pos.offset
+            elif follower.deleted and 0 <= follower.committed <= size:
+                done = follower.committed
+            else:
+                done = follower.start
             lag[follower.path] = lag.get(follower.path, 0) + max(0, size - done)
         return lag
 

@@ -624,6 +624,31 @@ async def test_checkpoint_lag_starts_where_reading_started(tmp_path: Path, autoj
         assert tailer.checkpoint_lag(_checkpoint_for(log, 10_000)) == {str(log): len(new)}
 
 
+async def test_checkpoint_lag_of_a_deleted_file_being_drained_counts_from_its_last_checkpoint(
+    tmp_path: Path, autojump_clock: object
+) -> None:
+    """A deleted file's checkpoints are removals (its inode may be reused), so none is persisted while it is
+    drained: what is owed is counted from the last offset handed on, not from where reading started."""
+    log = tmp_path / "app.log"
+    log.write_bytes(b"one\ntwo\n")
+    rec = Recorder()
+    async with tailing([spec(log)], rec) as tailer:
+        await wait_until(lambda: rec.messages() == ["one", "two"])
+        with log.open("ab") as writer:  # the agent still holds its deleted log open and writes on
+            log.unlink()
+            [follower] = tailer.followers.values()
+            await wait_until(lambda: follower.deleted, "the deletion to be seen")
+            writer.write(b"three\n")
+            writer.flush()
+            await wait_until(lambda: rec.messages() == ["one", "two", "three"])
+            assert Position.loads(rec.checkpoints[follower.key]) is None  # removed, not moved on
+            assert tailer.checkpoint_lag(rec.checkpoints) == {str(log): 0}
+            writer.write(b"par")
+            writer.flush()
+            await wait_until(lambda: follower.offset == len(b"one\ntwo\nthree\npar"), "the partial line to be read")
+            assert tailer.checkpoint_lag(rec.checkpoints) == {str(log): len(b"par")}
+
+
 async def test_checkpoint_lag_covers_every_followed_file_and_drops_closed_ones(
     tmp_path: Path, autojump_clock: object
 ) -> None:
