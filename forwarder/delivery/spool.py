@@ -781,6 +781,15 @@ class _Sealed:
     without it (their records are read again after a crash until its checkpoints are committed)."""
 
 
+def _merged_checkpoints(taken: Sequence[_Sealed]) -> dict[str, str]:
+    """The checkpoints that ride on ``taken`` (in chunk order: a later one wins)."""
+    checkpoints: dict[str, str] = {}
+    for s in taken:
+        if s.checkpoints:
+            checkpoints.update(s.checkpoints)
+    return checkpoints
+
+
 class Spool:
     """The durable :class:`~forwarder.delivery.buffer.Buffer` (see the module docstring for its invariants).
 
@@ -1169,10 +1178,7 @@ class Spool:
             await trio.to_thread.run_sync(self._store.ack, destination, target, self._floor())
             return
         taken = sealed[:elided]
-        checkpoints: dict[str, str] = {}
-        for s in taken:
-            if s.checkpoints:
-                checkpoints.update(s.checkpoints)
+        checkpoints = _merged_checkpoints(taken)
         upto = taken[-1].chunk.id
         await trio.to_thread.run_sync(self._store.ack, destination, target, self._floor(), upto, checkpoints)
         for s in taken:
@@ -1307,10 +1313,7 @@ class Spool:
         """Persist ``taken`` (the oldest unwritten chunks, ending a seal; flush lock held) in one transaction: the
         first ``elided`` (acknowledged by every destination) are not written, the others are; the checkpoints of
         all are committed, and ``cursor`` (destination, chunk id), if given, is moved too."""
-        checkpoints: dict[str, str] = {}
-        for s in taken:
-            if s.checkpoints:
-                checkpoints.update(s.checkpoints)
+        checkpoints = _merged_checkpoints(taken)
         chunks = [s.chunk for s in taken[elided:]]
         elided_upto = taken[elided - 1].chunk.id if elided else 0
         if chunks or checkpoints:
