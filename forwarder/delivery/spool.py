@@ -17,10 +17,11 @@ delete, serialisation aside, instead of about 0.85 (``bench/bench_spool.py --par
 seconds is usually deleted before the kernel writes it to the disk at all.
 
 Appended records are staged in memory and *sealed* into chunks (ids given, handed to the destinations) as soon as
-``chunk_max_bytes`` of them are staged, or ``flush_interval_s`` after the first of them was appended, whichever
-comes first (:meth:`Spool.append`, :meth:`Spool.run`). Persistence is *write-behind*: a sealed chunk is persisted by
-:meth:`Spool.run` in the background at its deadline (``flush_interval_s`` after its first record was appended), or
-at once when more than :data:`UNWRITTEN_MAX_CHUNKS` wait. A chunk is serialised once (:func:`encode_chunk`: orjson,
+``chunk_max_bytes`` of them are staged, or ``flush_interval_s`` after the first of them was appended (or captured,
+when the shaper held it: :func:`_waited_s`), whichever comes first (:meth:`Spool.append`, :meth:`Spool.run`).
+Persistence is *write-behind*: a sealed chunk is persisted by :meth:`Spool.run` in the background at its deadline
+(``flush_interval_s`` after its first record was appended), or at once when more than :data:`UNWRITTEN_MAX_CHUNKS`
+wait. A chunk is serialised once (:func:`encode_chunk`: orjson,
 column by column, the :class:`~forwarder.record.Tags` once per chunk, level as int), compressed (zlib format, by
 ISA-L) when that pays (see :data:`COMPRESS_ABOVE_FRACTION`), written to its file, and its row inserted in one
 transaction. A chunk that every destination acknowledges before its deadline is never serialised nor written: its
@@ -767,6 +768,20 @@ def _load_chunk(store: _Store, after: int) -> tuple[Chunk | None, int | None, in
 # --- the Buffer ------------------------------------------------------------------------------------------------
 
 
+def _waited_s(records: list[Record], limit_s: float) -> float:
+    """How long the older of ``records``' first and last record has waited since it was captured (its
+    ``timestamp_ns``), in seconds, clamped to ``[0, limit_s]``.
+
+    A record can reach the spool late: the shaper holds a text line until the next line of its stream shows that no
+    continuation follows, or until ``FORWARDER_MULTILINE_TIMEOUT`` (so the last line of a burst arrives 0.2 s after
+    it was read). Counting the stage's ``flush_interval_s`` from capture rather than from the append keeps the two
+    waits from adding up. The clamp keeps a wall clock step (or a record with a made-up time) from doing more than
+    sealing at once, or than counting from the append.
+    """
+    captured_ns = min(records[0].timestamp_ns, records[-1].timestamp_ns)
+    return min(max((time.time_ns() - captured_ns) / 1e9, 0.0), limit_s)
+
+
 @dataclass(slots=True)
 class _Sealed:
     """A chunk handed out to destinations and not yet persisted (write-behind, see the module docstring)."""
@@ -967,8 +982,13 @@ class Spool:
         if self._input_closed:
             raise RuntimeError("append after close_input")
         if not self._staged and not self._staged_checkpoints:
-            self._staged_since = trio.current_time()
+            self._staged_since = trio.current_time() - (_waited_s(records, self._flush_interval_s) if records else 0.0)
             self._wakeup.set()
+        elif records:
+            since = trio.current_time() - _waited_s(records, self._flush_interval_s)
+            if since < self._staged_since:  # records captured before the stage began (held by the shaper)
+                self._staged_since = since
+                self._wakeup.set()
         if checkpoints:
             self._staged_checkpoints.update(checkpoints)
         if records:
@@ -988,9 +1008,9 @@ class Spool:
         return dict(self._checkpoints)
 
     async def run(self) -> None:
-        """Seal staged records ``flush_interval_s`` after the first of them was appended; persist each sealed chunk
-        at its deadline, at once when more than :data:`UNWRITTEN_MAX_CHUNKS` wait, or not at all when every
-        destination acknowledged it first (then only its checkpoints are committed); returns after
+        """Seal staged records ``flush_interval_s`` after the first of them was appended (or captured); persist each
+        sealed chunk at its deadline, at once when more than :data:`UNWRITTEN_MAX_CHUNKS` wait, or not at all when
+        every destination acknowledged it first (then only its checkpoints are committed); returns after
         :meth:`close_input`."""
         self._running = True
         try:

@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -55,8 +56,10 @@ MiB = 1024 * 1024
 
 
 def numbered(start: int, count: int, *, pad: int = 0, tags: Tags = TAGS) -> list[Record]:
-    """Records whose message starts with their number (``"<n> "``), capture time = n."""
-    return [Record(n, f"{n} " + "x" * pad, "stdout", tags) for n in range(start, start + count)]
+    """Records whose message starts with their number (``"<n> "``), captured now (+ n ns), as a source does: the
+    spool counts a stage's flush interval from the capture of its oldest record (``_waited_s``)."""
+    now_ns = time.time_ns()
+    return [Record(now_ns + n, f"{n} " + "x" * pad, "stdout", tags) for n in range(start, start + count)]
 
 
 def numbers(records: list[Record]) -> list[int]:
@@ -276,7 +279,7 @@ async def test_run_persists_staged_records_after_the_interval(
             await spool.append(records := numbered(0, 5))
             assert db_rows(spool_dir, "SELECT count(*) FROM chunks") == [(0,)]  # staged, not yet persisted
             chunk = await spool.next_chunk("a")  # sealed and handed out at the interval
-            assert trio.current_time() - start >= 0.25
+            assert trio.current_time() - start == pytest.approx(0.25, abs=0.001)  # from capture, a few us earlier
             assert chunk is not None and chunk.records == records
             await trio.testing.wait_all_tasks_blocked()  # run() is writing it (in a worker thread, under the lock)
             async with spool._flush_lock:
@@ -284,6 +287,57 @@ async def test_run_persists_staged_records_after_the_interval(
             # not acknowledged by its deadline (the same moment, at 0.25 s): written
             assert db_rows(spool_dir, "SELECT id, n_records FROM chunks") == [(chunk.id, 5)]
             await spool.close_input()  # run() returns
+    finally:
+        await spool.aclose()
+
+
+async def test_the_flush_interval_counts_from_the_capture_of_a_record_the_shaper_held(
+    spool_dir: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A record appended late (the shaper held the last text line of a burst for the multi-line timeout) is sealed
+    ``flush_interval_s`` after its capture, not after its append: the two waits do not add up. Whether it starts the
+    stage or joins one, and never earlier than at once; a capture time ahead of the clock (a clock step) counts from
+    the append, as before."""
+    interval = 0.25
+    spool = Spool.open(spool_dir, max_bytes=64 * MiB, flush_interval_s=interval)
+    try:
+        spool.register(["a"])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(spool.run)
+
+            def held(n: int, waited_s: float) -> Record:
+                return Record(time.time_ns() - int(waited_s * 1e9), f"{n} held", "stdout", TAGS)
+
+            # alone in the stage, held 0.15 s: sealed 0.1 s after the append
+            start = trio.current_time()
+            await spool.append([held(0, 0.15)])
+            chunk = await spool.next_chunk("a")
+            assert chunk is not None and numbers(chunk.records) == [0]
+            assert trio.current_time() - start == pytest.approx(interval - 0.15, abs=0.02)
+
+            # held longer than the interval: sealed at once
+            start = trio.current_time()
+            await spool.append([held(1, 30.0)])
+            chunk = await spool.next_chunk("a")
+            assert chunk is not None and numbers(chunk.records) == [1]
+            assert trio.current_time() - start == 0
+
+            # joining a stage begun by a fresh record: the stage's deadline moves to the held record's
+            start = trio.current_time()
+            await spool.append(numbered(2, 2))
+            await trio.sleep(0.05)
+            await spool.append([held(4, 0.2)])  # captured 0.15 s before the stage began
+            chunk = await spool.next_chunk("a")
+            assert chunk is not None and numbers(chunk.records) == [2, 3, 4]
+            assert trio.current_time() - start == pytest.approx(interval - 0.15, abs=0.02)
+
+            # captured "in the future" (the wall clock stepped back): counted from the append
+            start = trio.current_time()
+            await spool.append([held(5, -60.0)])
+            chunk = await spool.next_chunk("a")
+            assert chunk is not None and numbers(chunk.records) == [5]
+            assert trio.current_time() - start == pytest.approx(interval)
+            await spool.close_input()
     finally:
         await spool.aclose()
 
@@ -1029,7 +1083,7 @@ async def test_chunk_read_back_from_disk_is_decoded_once_for_all_destinations(sp
         rest_a = [ga, *await read_all(s, "a")]
         rest_b = [gb, *await read_all(s, "b")]
         for rest in (rest_a, rest_b):
-            assert numbers([r for c in rest for r in c.records]) == list(range(rest[0].records[0].timestamp_ns, 2000))
+            assert numbers([r for c in rest for r in c.records]) == list(range(numbers(rest[0].records)[0], 2000))
         assert s.held_bytes() <= held_max
     finally:
         await s.aclose()
