@@ -8,6 +8,7 @@ ends in a ``RETRY`` verdict instead of blocking or raising.
 from __future__ import annotations
 
 import email.utils
+import functools
 import ssl
 import time
 from collections.abc import Mapping
@@ -27,6 +28,22 @@ for the same ratio (~9x on agent logs)."""
 USER_AGENT: Final = "forwarder/0.1"
 URL_CACHE_SIZE: Final = 16
 """Parsed URLs an :class:`HttpClient` keeps (a destination posts to one or two)."""
+TLS_CONTEXTS: Final = 4
+"""TLS contexts :func:`tls_context` keeps (one per CA bundle in use; a process uses one)."""
+
+
+@functools.lru_cache(maxsize=TLS_CONTEXTS)
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """The verifying TLS client context for the CA bundle ``ca_file`` (``SSL_CERT_FILE``), or certifi's bundle when
+    ``None``: one per bundle for the whole process, shared by every destination's client (an ``ssl.SSLContext``
+    serves any number of connections). Loading a bundle into a context takes ~20 ms of CPU and ~1 MiB of memory.
+
+    Raises:
+        OSError, ssl.SSLError: ``ca_file`` cannot be read or holds no usable certificate.
+    """
+    if ca_file:
+        return ssl.create_default_context(cafile=ca_file)
+    return httpx.create_ssl_context(trust_env=False)  # certifi's bundle, as httpx's default
 
 
 def make_client(http: HttpSettings) -> HttpClient:
@@ -51,9 +68,8 @@ class HttpClient:
 
     def __init__(self, http: HttpSettings) -> None:
         max_connections = http.concurrency
-        context = ssl.create_default_context(cafile=http.ca_file) if http.ca_file else True
         self._transport = httpx.AsyncHTTPTransport(
-            verify=context,
+            verify=tls_context(http.ca_file),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             trust_env=False,
         )
