@@ -404,31 +404,59 @@ while i < total:
 """
 
 
+LONE_WRITER = r"""
+import json, sys, time
+count = int(sys.argv[1])
+for i in range(count):
+    time.sleep(0.5)
+    now = time.time()
+    if i % 2:
+        print(json.dumps({"message": f"lone line sent_at={now:.6f} #{i}", "level": "INFO"}), flush=True)
+    else:
+        print(f"2026-11-21 13:52:21,767 - INFO livekit.agents - lone text line sent_at={now:.6f} #{i}", flush=True)
+"""
+LONE_LINES = 8
+"""Lines of the lone-line part of (d): one every 0.5 s, text and JSON in turn."""
+
+
 def scenario_latency(work: Path, rate: int, seconds: float, buffer: str) -> dict[str, Any]:
-    intake = Intake(work, parse=True)
-    state = work / "state-latency"
-    shutil.rmtree(state, ignore_errors=True)
+    """(d): write-to-arrival latency at a steady ``rate``, then of lone lines (an agent that logs now and then:
+    each line is the last of its burst, and a text line waits ``FORWARDER_MULTILINE_TIMEOUT`` for a continuation)."""
     n = int(rate * seconds)
-    try:
-        env = env_for(intake, state, buffer, ("datadog",))
-        cmd = [PY, "-m", "forwarder", "run", "--", PY, "-c", PACED_WRITER, str(rate), str(seconds), "-"]
-        res = run_forwarder(cmd, env, intake, {"datadog": n}, timeout_s=seconds + 60, stop=False)
-        st = intake.stats()
-    finally:
-        intake.close()
+    steady, res = _latency_run(work, "steady", [PACED_WRITER, str(rate), str(seconds), "-"], n, seconds, buffer)
+    lone, lone_res = _latency_run(work, "lone", [LONE_WRITER, str(LONE_LINES)], LONE_LINES, LONE_LINES, buffer)
     return {
         "lines": n,
         "rate": rate,
         "buffer": buffer,
-        "complete": res["complete"],
+        "complete": res["complete"] and lone_res["complete"],
         "counts": res["counts"],
-        "p50_s": round(st.get("latency_p50_s", -1), 3),
-        "p99_s": round(st.get("latency_p99_s", -1), 3),
-        "max_s": round(st.get("latency_max_s", -1), 3),
+        "p50_s": round(steady.get("latency_p50_s", -1), 3),
+        "p99_s": round(steady.get("latency_p99_s", -1), 3),
+        "max_s": round(steady.get("latency_max_s", -1), 3),
+        "lone_lines": LONE_LINES,
+        "lone_p50_s": round(lone.get("latency_p50_s", -1), 3),
+        "lone_max_s": round(lone.get("latency_max_s", -1), 3),
         "cpu_s": res["cpu_s"],
         "peak_rss_mib": res["peak_rss_mib"],
-        "stderr_tail": res["stderr_tail"],
+        "stderr_tail": res["stderr_tail"] or lone_res["stderr_tail"],
     }
+
+
+def _latency_run(
+    work: Path, name: str, writer: list[str], n: int, seconds: float, buffer: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``forwarder run`` of a writer whose lines carry ``sent_at=``; the intake's latency stats and the run's."""
+    intake = Intake(work, parse=True)
+    state = work / f"state-latency-{name}"
+    shutil.rmtree(state, ignore_errors=True)
+    try:
+        env = env_for(intake, state, buffer, ("datadog",))
+        cmd = [PY, "-m", "forwarder", "run", "--", PY, "-c", *writer]
+        res = run_forwarder(cmd, env, intake, {"datadog": n}, timeout_s=seconds + 60, stop=False)
+        return intake.stats(), res
+    finally:
+        intake.close()
 
 
 def scenario_outage(work: Path, rate: int, seconds: float, buffer: str) -> dict[str, Any]:
@@ -573,7 +601,10 @@ def _summary(key: str, r: dict[str, Any]) -> str:
             f"the floor, into cat: {r['slowdown_cat_floor']}x"
         )
     if key == "d":
-        return f"p50 {r['p50_s']} s p99 {r['p99_s']} s max {r['max_s']} s complete={r['complete']}"
+        return (
+            f"p50 {r['p50_s']} s p99 {r['p99_s']} s max {r['max_s']} s complete={r['complete']}; "
+            f"{r['lone_lines']} lone lines: p50 {r['lone_p50_s']} s max {r['lone_max_s']} s"
+        )
     return (
         f"peak RSS {r['peak_rss_mib']} MiB, spool up to {max(r['spool_mib_samples'] or [0])} MiB, drained "
         f"{r['drained_after_recovery_s']} s after recovery, complete={r['complete']} {r['counts']}"
