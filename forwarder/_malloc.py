@@ -2,8 +2,9 @@
 
 glibc gives each thread that allocates while another holds the main arena an arena of its own, up to 8 per core,
 and keeps what is freed in each arena for reuse by that arena rather than returning it to the system. The
-forwarder's worker threads (spool writes, request encoding, SQLite, the pipe readers) each allocate chunk-sized
-buffers (~1 MiB of JSON, gzip output), so with the default the same bytes end up reserved once per arena.
+forwarder's worker threads (spool writes, SQLite, the pipe readers; request encoding did too, before it moved to the
+event loop) each allocate chunk-sized buffers (~1 MiB of JSON, gzip output), so with the default the same bytes
+end up reserved once per arena.
 Measured (``bench/run_all.py --only a``, back to back): peak RSS 79.5-79.9 MiB with one arena against 87.1-88.0
 MiB with glibc's default, for 4-5% fewer lines/s (within the run-to-run noise of ~5%, but in both pairs). In an
 experiment where worker threads allocated chunk buffers concurrently (a write-behind spool, not kept), the 2 MiB

@@ -33,7 +33,7 @@ DEFAULT_RETRY_MAX_BACKOFF_S: Final = 30.0
 DEFAULT_REQUEST_CONCURRENCY: Final = 4
 MAX_REQUEST_CONCURRENCY: Final = 32
 """Upper bound of ``FORWARDER_REQUEST_CONCURRENCY``: CloudWatch requests each hold a worker thread while in flight, and
-trio runs at most 40 worker threads at once (its default thread limiter), shared with the spool and the encoders."""
+trio runs at most 40 worker threads at once (its default thread limiter), shared with the spool."""
 DEFAULT_REQUEST_TIMEOUT_S: Final = 10.0
 """``FORWARDER_REQUEST_TIMEOUT``: connect, read, write and pool timeout of every request to a destination, seconds
 (Vector's sinks default to 60 s; a log intake answers in well under a second, and a shorter timeout frees the
