@@ -549,21 +549,22 @@ class _Store:
     def write(
         self,
         chunks: Sequence[Chunk],
+        encoded: Sequence[tuple[bytes, bytes]],
         checkpoints: Mapping[str, str],
         max_bytes: int,
-        compress_level: int,
         *,
         elided_upto: int = 0,
         cursor: tuple[str, int] | None = None,
     ) -> _WriteResult:
         """Persist ``chunks`` (their files, then their rows and ``checkpoints`` in one transaction), deleting the
-        oldest chunks first as needed to stay within ``max_bytes`` (the newest chunk is always kept). Every cursor
-        moves to at least ``elided_upto`` (chunks every destination acknowledged before they were written) in the
-        same transaction, and ``cursor`` ((destination, chunk id), if given) to at least its chunk id. A failure
-        (:class:`sqlite3.Error`, :class:`OSError`) is returned in the result, not raised: the chunks deleted before
-        it stay deleted, and the caller must count them."""
+        oldest chunks first as needed to stay within ``max_bytes`` (the newest chunk is always kept). ``encoded``
+        holds each chunk's :func:`_encode` output, in order: the caller serialises them on the event loop (the
+        GIL would serialise the work anyway; in a worker thread it only added hand-offs), this runs in a worker
+        thread for the I/O. Every cursor moves to at least ``elided_upto`` (chunks every destination acknowledged
+        before they were written) in the same transaction, and ``cursor`` ((destination, chunk id), if given) to at
+        least its chunk id. A failure (:class:`sqlite3.Error`, :class:`OSError`) is returned in the result, not
+        raised: the chunks deleted before it stay deleted, and the caller must count them."""
         now = time.time_ns()
-        encoded = [_encode(chunk.records, compress_level) for chunk in chunks]
         sizes = [len(head) + len(data) for head, data in encoded]
         evicted: list[tuple[int, int]] = []
         with self._wlock:
@@ -1372,8 +1373,9 @@ class Spool:
         attempt = 1
         while True:
             level = self._level_for(sum(c.size for c in chunks))
+            encoded = [_encode(chunk.records, level) for chunk in chunks]
             write = partial(store.write, elided_upto=elided_upto, cursor=cursor)
-            result = await trio.to_thread.run_sync(write, chunks, checkpoints, self.max_bytes, level)
+            result = await trio.to_thread.run_sync(write, chunks, encoded, checkpoints, self.max_bytes)
             evicted += result.evicted
             result.evicted = evicted
             exc = result.error
