@@ -20,21 +20,20 @@ Appended records are staged in memory and *sealed* into chunks (ids given, hande
 ``chunk_max_bytes`` of them are staged, or ``flush_interval_s`` after the first of them was appended (or captured,
 when the shaper held it: :func:`_waited_s`), whichever comes first (:meth:`Spool.append`, :meth:`Spool.run`).
 Persistence is *write-behind*: a sealed chunk is persisted by :meth:`Spool.run` in the background at its deadline
-(``flush_interval_s`` after its first record was appended), or at once when more than :data:`UNWRITTEN_MAX_CHUNKS`
-wait. A chunk is serialised once (:func:`encode_chunk`: orjson,
-column by column, the :class:`~forwarder.record.Tags` once per chunk, level as int), compressed (zlib format, by
-ISA-L) when that pays (see :data:`COMPRESS_ABOVE_FRACTION`), written to its file, and its row inserted in one
-transaction. A chunk that every destination acknowledges before its deadline is never serialised nor written: its
-checkpoints are committed with the acknowledgement that completes it, in the transaction that moves the cursor,
-which leaves the database exactly as writing it and then deleting it would have (the usual case when destinations
-keep up: the spool then costs a transaction per chunk, not the serialisation and the I/O). The chunks of one seal
-(staged records larger than a chunk are cut into several, and the staged checkpoints ride on the last) are persisted
-or skipped together: when every destination has acknowledged the first of them, the rest are written at once, with
-the seal's checkpoints and the cursor, in one transaction. So a record is never acknowledged while the checkpoint
-covering it can only become durable later; as without write-behind, a crash makes the source read again only what
-was in flight. Either way, every
-appended record is on disk or acknowledged by every destination within ``flush_interval_s`` of its append, the
-window a crash can lose, as before write-behind.
+(the same ``flush_interval_s`` after its first record was appended or captured), or at once when more than
+:data:`UNWRITTEN_MAX_CHUNKS` wait. A chunk is serialised once (:func:`encode_chunk`: orjson, column by column, the
+:class:`~forwarder.record.Tags` once per chunk, level as int), compressed (zlib format, by ISA-L) when that pays
+(see :data:`COMPRESS_ABOVE_FRACTION`), written to its file, and its row inserted in one transaction. A chunk that
+every destination acknowledges before its deadline is never serialised nor written: its checkpoints are committed
+with the acknowledgement that completes it, in the transaction that moves the cursor, which leaves the database
+exactly as writing it and then deleting it would have (the usual case when destinations keep up: the spool then
+costs a transaction per chunk, not the serialisation and the I/O). The chunks of one seal (staged records larger
+than a chunk are cut into several, and the staged checkpoints ride on the last) are persisted or skipped together:
+when every destination has acknowledged the first of them, the rest are written at once, with the seal's checkpoints
+and the cursor, in one transaction. So a record is never acknowledged while the checkpoint covering it can only
+become durable later; as without write-behind, a crash makes the source read again only what was in flight. Either
+way, every appended record is on disk or acknowledged by every destination within ``flush_interval_s`` of its
+append, the window a crash can lose, as before write-behind.
 
 Invariants:
 
@@ -789,7 +788,8 @@ class _Sealed:
 
     chunk: Chunk
     deadline: float
-    """When it must be persisted (trio clock, seconds): ``flush_interval_s`` after its first record was appended."""
+    """When it must be persisted (trio clock, seconds): ``flush_interval_s`` after its first record was appended (or
+    captured, see :func:`_waited_s`)."""
     checkpoints: dict[str, str] | None
     """Checkpoints that become durable with this chunk (those appended with its last records)."""
     closes: bool
@@ -982,14 +982,11 @@ class Spool:
             return
         if self._input_closed:
             raise RuntimeError("append after close_input")
-        if not self._staged and not self._staged_checkpoints:
-            self._staged_since = trio.current_time() - (_waited_s(records, self._flush_interval_s) if records else 0.0)
+        since = trio.current_time() - (_waited_s(records, self._flush_interval_s) if records else 0.0)
+        # A new stage, or records captured before the stage began (the shaper held them): the deadline moves.
+        if (not self._staged and not self._staged_checkpoints) or since < self._staged_since:
+            self._staged_since = since
             self._wakeup.set()
-        elif records:
-            since = trio.current_time() - _waited_s(records, self._flush_interval_s)
-            if since < self._staged_since:  # records captured before the stage began (held by the shaper)
-                self._staged_since = since
-                self._wakeup.set()
         if checkpoints:
             self._staged_checkpoints.update(checkpoints)
         if records:
