@@ -7,7 +7,7 @@ the network wait and the encoding overlap). Chunks are acknowledged strictly in 
 
 Encoding runs on the event loop, not in a worker thread: the encoders are Python code holding the GIL, and a thread
 only added GIL hand-offs between it and the loop's own work. Measured with ``bench/run_all.py`` against encoding
-chunks of 256 records or more in a thread: (a) ~6% less CPU, (b) ~12% less CPU and ~9% more lines/s, (c) the same
+chunks of 256 records or more in a thread: (a) ~5% less CPU, (b) ~10% less CPU and ~8% more lines/s, (c) the same
 within its noise; compressing alone in a thread (gzip releases the GIL) was worse than either (+13% CPU, +7 MiB RSS
 in (a)). A chunk's encode holds the loop for a few milliseconds (Datadog: ~1 us a
 record, ~5,000 records a chunk); the agent's pipes are drained by their own threads meanwhile.
