@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import math
 import uuid
 from collections import Counter, OrderedDict
@@ -113,12 +112,25 @@ SPAN_ID_KEYS: Final = ("span_id", "spanId", "span.id", "otelSpanID")
 MECHANISM_TYPE: Final = "forwarder"
 
 SDK_NAME: Final = "forwarder"
-SDK_INFO: Final[Mapping[str, Any]] = {
-    "name": SDK_NAME,
-    "version": __version__,
-    "packages": [{"name": "pypi:sentry-sdk", "version": importlib.metadata.version("sentry-sdk")}],
-}
-"""The ``sdk`` envelope header and event field: https://develop.sentry.dev/sdk/foundations/transport/event-payloads/sdk/"""
+
+
+@functools.cache
+def sdk_info() -> Mapping[str, Any]:
+    """The ``sdk`` envelope header and event field:
+    https://develop.sentry.dev/sdk/foundations/transport/event-payloads/sdk/
+
+    Built on first use, not at import: ``importlib.metadata`` (to name the sentry-sdk version) takes ~10 ms to
+    import and look up, which every forwarder start would pay, with or without Sentry enabled.
+    """
+    import importlib.metadata
+
+    return {
+        "name": SDK_NAME,
+        "version": __version__,
+        "packages": [{"name": "pypi:sentry-sdk", "version": importlib.metadata.version("sentry-sdk")}],
+    }
+
+
 SENTRY_CLIENT: Final = f"{SDK_NAME}/{__version__}"
 """``sentry_client`` of ``X-Sentry-Auth``."""
 
@@ -278,9 +290,11 @@ def encode(records: Sequence[Record], trace_id: str) -> Encoded:
     return Encoded(events + logs)
 
 
-_LOG_ENVELOPE_HEADER: Final = orjson.dumps({"sdk": SDK_INFO}) + b"\n"
-"""The header line of every log envelope (serialised once; the same bytes as sentry-sdk's ``json_dumps`` for this
-ASCII-only header, checked by the tests)."""
+@functools.cache
+def _log_envelope_header() -> bytes:
+    """The header line of every log envelope (serialised once; the same bytes as sentry-sdk's ``json_dumps`` for
+    this ASCII-only header, checked by the tests)."""
+    return orjson.dumps({"sdk": sdk_info()}) + b"\n"
 
 
 def _log_batch(records: Sequence[Record], payload: bytes, count: int) -> Batch:
@@ -291,7 +305,7 @@ def _log_batch(records: Sequence[Record], payload: bytes, count: int) -> Batch:
         LOG_CONTENT_TYPE.encode(),
         len(payload),
     )
-    raw = b"".join((_LOG_ENVELOPE_HEADER, item_header, payload, b"\n"))
+    raw = b"".join((_log_envelope_header(), item_header, payload, b"\n"))
     body = SentryEnvelope(gzip_bytes(raw), LOG_CATEGORIES, None, count)
     return Batch(records=records, payload=body, size=len(raw))
 
@@ -303,7 +317,7 @@ def _event_batch(record: Record, trace_id: str) -> Batch | None:
     from sentry_sdk.envelope import Envelope, Item, PayloadRef
 
     item = Item(payload=PayloadRef(bytes=_dump_event(event)), type="event", content_type="application/json")
-    raw = Envelope(headers={"event_id": event["event_id"], "sdk": SDK_INFO}, items=[item]).serialize()
+    raw = Envelope(headers={"event_id": event["event_id"], "sdk": sdk_info()}, items=[item]).serialize()
     body = SentryEnvelope(gzip_bytes(raw), EVENT_CATEGORIES, event["event_id"], 1)
     return Batch(records=(), payload=body, size=len(raw))
 
@@ -607,7 +621,7 @@ def build_event(record: Record, trace_id: str) -> dict[str, Any] | None:
                 "span_id": _hex_id(attrs, SPAN_ID_KEYS, 16) or event_id[:16],
             }
         },
-        "sdk": {"name": SDK_INFO["name"], "version": SDK_INFO["version"]},
+        "sdk": {"name": SDK_NAME, "version": __version__},
     }
     logger = attrs.get("name")
     if type(logger) is str and logger:
@@ -848,6 +862,7 @@ class SentrySink:
         self._client = make_client(http)
         self._clock = clock
         self._limits = RateLimiter()
+        _log_envelope_header()  # the sentry-sdk version is looked up now, at start-up, not in the first encode
         self._sent = _SentState()
         self.trace_id = uuid.uuid4().hex
         self.events_dropped: Counter[str] = Counter()

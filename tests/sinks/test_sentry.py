@@ -402,7 +402,7 @@ def test_log_envelope_is_byte_for_byte_what_sentry_sdk_writes() -> None:
     raw = gzip.decompress(batch.payload.body)
     (item,) = decode(batch.payload.body).items
     expected = Envelope(
-        headers={"sdk": sentry.SDK_INFO},
+        headers={"sdk": sentry.sdk_info()},
         items=[
             Item(
                 payload=PayloadRef(bytes=item.get_bytes()),
