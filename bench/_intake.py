@@ -32,9 +32,11 @@ import resource
 import sys
 import threading
 import time
-import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import orjson
+from isal import isal_zlib
 
 LATENCY_MARK = re.compile(rb"sent_at=(\d+\.\d+)")
 
@@ -58,7 +60,9 @@ STATE: State
 
 
 def _gunzip(data: bytes) -> bytes:
-    return zlib.decompress(data, 47)  # gzip or zlib header, auto-detected
+    # gzip or zlib header, auto-detected. ISA-L inflates ~3x faster than zlib (135 against 431 us for a 200 KB
+    # Datadog batch): the forwarder waits for every answer, so the intake's own time is part of the measured rate.
+    return isal_zlib.decompress(data, 47)
 
 
 def _count(kind: str, body: bytes) -> int:
@@ -150,7 +154,7 @@ class Handler(BaseHTTPRequestHandler):
             if op != "PutLogEvents":
                 self._reply(400, b'{"__type":"UnknownOperationException"}', ctype)
                 return
-            req = json.loads(body)
+            req = orjson.loads(body)
             if not req.get("logGroupName") or not req.get("logStreamName") or not req.get("logEvents"):
                 self._reply(400, b'{"__type":"InvalidParameterException","message":"bench: bad request"}', ctype)
                 return
