@@ -146,10 +146,10 @@ class Record(msgspec.Struct, gc=False):
 def format_rfc3339_ns(ns: int) -> str:
     """Format ``ns`` nanoseconds since the epoch as ``YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`` (UTC)."""
     secs, frac = divmod(ns, 1_000_000_000)
-    return f"{_utc_second(secs)}.{frac:09d}Z"
+    return f"{format_utc_second(secs)}.{frac:09d}Z"
 
 
 @functools.lru_cache(maxsize=1024)
-def _utc_second(secs: int) -> str:
+def format_utc_second(secs: int) -> str:
     """``YYYY-MM-DDTHH:MM:SS`` (UTC) of ``secs`` seconds since the epoch; cached: records come in time order."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))

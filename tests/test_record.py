@@ -43,3 +43,22 @@ def test_file_sink_lines_are_to_dict_as_ndjson() -> None:
     lines = encode_records(records)
     assert [orjson.loads(line) for line in lines] == [r.to_dict() for r in records]
     assert all(line.endswith(b"\n") and line.count(b"\n") == 1 for line in lines)
+
+
+def test_file_sink_lines_are_byte_for_byte_the_dumps_of_to_dict() -> None:
+    """encode_records splices pre-encoded parts; every field, key order and escape must match orjson's own output."""
+    a = Tags("host-1", "agent", "cloud.livekit.io")
+    b = Tags('h"ost\\2', "ägent\u2028", "svc\t")  # escapes in the tag fields
+    second = 1_795_275_141 * 10**9
+    records = [
+        Record(second, "first", "stdout", a),
+        Record(second + 999_999_999, 'quote " back\\slash \x01 \u00e9 \U0001f600', "stdout", a, Level.INFO),
+        Record(second + 10**9, "next second", "stderr", a, Level.WARNING, {"k": 1, "nested": {"x": [1, 2.5, None]}}),
+        Record(second + 10**9 + 1, "other tags", "stderr", b, Level.ERROR, {}, 42),
+        Record(second + 10**9 + 2, "back to the first tags", "stdout", a, Level.CRITICAL, {"t": True}, -5),
+        Record(second - 1, "an earlier second", "stdout", a, Level.DEBUG, {"level_original": "dbg"}, None),
+        Record(0, "", "stdout", b, None, None, 0),
+    ]
+    expected = [orjson.dumps(r.to_dict(), option=orjson.OPT_APPEND_NEWLINE) for r in records]
+    assert encode_records(records) == expected
+    assert encode_records(records[3:]) == expected[3:]  # each call starts from no cached second or tags
