@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import orjson
 import pytest
@@ -62,3 +63,26 @@ def test_file_sink_lines_are_byte_for_byte_the_dumps_of_to_dict() -> None:
     expected = [orjson.dumps(r.to_dict(), option=orjson.OPT_APPEND_NEWLINE) for r in records]
     assert encode_records(records) == expected
     assert encode_records(records[3:]) == expected[3:]  # each call starts from no cached second or tags
+
+
+def test_file_sink_batches_stay_within_max_batch_bytes_in_order() -> None:
+    from forwarder.sinks.file import MAX_BATCH_BYTES, FileSink
+
+    tags = Tags("h", "s", "svc")
+    big = "x" * (MAX_BATCH_BYTES // 3)
+    records = [Record(10**18 + i, f"{i} {big}", "stdout", tags) for i in range(7)]
+    records.append(Record(10**18 + 7, "y" * (MAX_BATCH_BYTES + 10), "stdout", tags))  # over the limit alone
+    records.append(Record(10**18 + 8, "small", "stdout", tags))
+    sink = FileSink(Path("unused"))
+    batches = sink.encode(records).batches
+    lines = encode_records(records)
+    assert b"".join(bytes(b.payload) for b in batches) == b"".join(lines)
+    assert [r for b in batches for r in b.records] == records
+    assert [len(b.records) for b in batches] == [2, 2, 2, 1, 1, 1]
+    for batch in batches:
+        assert batch.size == len(batch.payload)
+        assert batch.size <= MAX_BATCH_BYTES or len(batch.records) == 1
+    small = records[:2]
+    (one,) = sink.encode(small).batches
+    assert (bytes(one.payload), list(one.records)) == (b"".join(encode_records(small)), small)
+    assert sink.encode([]).batches == []

@@ -92,8 +92,12 @@ class FileSink:
         self.path = path
 
     def encode(self, records: Sequence[Record]) -> Encoded:
-        """Batches of at most :data:`MAX_BATCH_BYTES`; payload is the bytes to append."""
+        """Batches of at most :data:`MAX_BATCH_BYTES` (a line longer than that alone); payload is the bytes to
+        append."""
         lines = encode_records(records)
+        total = sum(map(len, lines))
+        if total <= MAX_BATCH_BYTES:  # the usual case: a chunk's lines fit one write
+            return Encoded([Batch(records[:], b"".join(lines), total)] if lines else [])
         batches: list[Batch] = []
         start = 0
         size = 0
