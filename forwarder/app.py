@@ -64,8 +64,10 @@ are still collected, only in fewer, larger passes."""
 def tune_gc() -> None:
     """Process-level GC tuning, once, after start-up: move everything allocated so far (modules, config, sinks,
     the buffer) into the permanent generation so no collection scans it again, and raise the thresholds to
-    :data:`GC_THRESHOLDS`. Called by :func:`serve` for a process it owns (no ``runtime`` given)."""
-    gc.collect()
+    :data:`GC_THRESHOLDS`. Called by :func:`serve` for a process it owns (no ``runtime`` given).
+
+    No ``gc.collect()`` first: over the ~41,000 objects tracked at that point it took ~15 ms of every start and
+    found ~40 unreachable ones (a few KiB, now kept for good)."""
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
 
