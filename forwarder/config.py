@@ -288,9 +288,25 @@ def _parse_level(env: Mapping[str, str], name: str, default: Level) -> Level:
         raise ConfigError(name, f"{raw!r} is not a level; expected one of {accepted}") from None
 
 
+def _is_utf8(value: str) -> bool:
+    """Whether ``value`` is text: an environment value or argument with bytes that are not UTF-8 reaches Python as
+    lone surrogates (``surrogateescape``), which no JSON encoder or HTTP header takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def default_source(command: Sequence[str], cwd: Path) -> str:
     """The ``source`` tag when ``FORWARDER_SOURCE`` is unset: ``[agent] id`` of ``livekit.toml`` in ``cwd``, else
-    the command's name (``python agent.py`` -> ``agent``), else ``"forwarder"``."""
+    the command's name (``python agent.py`` -> ``agent``), else ``"forwarder"``. Bytes of the command that are not
+    UTF-8 become U+FFFD."""
+    source = _default_source(command, cwd)
+    return source if _is_utf8(source) else os.fsencode(source).decode("utf-8", "replace")
+
+
+def _default_source(command: Sequence[str], cwd: Path) -> str:
     toml_path = cwd / "livekit.toml"
     try:
         with toml_path.open("rb") as fh:
@@ -374,6 +390,10 @@ def load(
     merged: dict[str, str] = dict(env)
     if overrides:
         merged.update({k: v for k, v in overrides.items() if v is not None})
+    for name in known_variables():
+        value = merged.get(name)
+        if value is not None and not _is_utf8(value):
+            raise ConfigError(name, "is not valid UTF-8 text (it holds bytes that decode to no character)")
     tags = Tags(
         host=_get(merged, "FORWARDER_HOST") or socket.gethostname(),
         source=_get(merged, "FORWARDER_SOURCE") or default_source(command, cwd or Path.cwd()),

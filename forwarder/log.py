@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterable, MutableMapping
@@ -32,7 +33,16 @@ def scrub(text: str) -> str:
 
 def _render(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> str:
     event_dict.setdefault("logger", LOGGER_NAME)
-    return scrub(orjson.dumps(event_dict, default=str).decode())
+    try:
+        text = orjson.dumps(event_dict, default=str).decode()
+    except orjson.JSONEncodeError:
+        # A value orjson refuses: a str with lone surrogates (a file name or an environment value that is not UTF-8,
+        # which Python decodes with ``surrogateescape``) or an int beyond 64 bits. The stdlib encodes it; each lone
+        # surrogate becomes a ``\\udcff`` escape (still one valid JSON line) and every other character stays as it
+        # is, so that ``scrub`` still finds a secret value with non-ASCII characters.
+        text = json.dumps(event_dict, default=str, ensure_ascii=False, separators=(",", ":"))
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return scrub(text)
 
 
 def configure(level: str = "INFO", stream: TextIO | None = None) -> None:

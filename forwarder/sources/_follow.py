@@ -159,7 +159,7 @@ class Position:
 
     def dumps(self) -> str:
         """The checkpoint value (compact JSON)."""
-        data = {"offset": self.offset, "fp": self.fp, "fp_len": self.fp_len, "path": self.path}
+        data = {"offset": self.offset, "fp": self.fp, "fp_len": self.fp_len, "path": printable_path(self.path)}
         return orjson.dumps(data).decode()
 
     @classmethod
@@ -176,6 +176,12 @@ class Position:
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
+
+
+def printable_path(path: str) -> str:
+    """``path`` as valid UTF-8 text, for checkpoints, metrics and diagnostics: bytes of a file name that are not
+    UTF-8 (which Python keeps as lone surrogates, ``surrogateescape``) become U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
 
 
 def fingerprint(prefix: bytes) -> str:
@@ -378,7 +384,8 @@ class Tailer:
             consumer.submit(STDOUT, [], stale)
 
     def checkpoint_lag(self, persisted: Mapping[str, str]) -> dict[str, int]:
-        """Bytes of each followed file not yet covered by a persisted checkpoint: ``path -> bytes``.
+        """Bytes of each followed file not yet covered by a persisted checkpoint: ``path -> bytes`` (the path as
+        :func:`printable_path` gives it).
 
         For each open file: its size now minus the offset of its checkpoint in ``persisted`` (the buffer's
         :meth:`CheckpointStore.load_checkpoints`), or minus the offset reading started at when none is persisted
@@ -402,7 +409,8 @@ class Tailer:
                 done = follower.committed
             else:
                 done = follower.start
-            lag[follower.path] = lag.get(follower.path, 0) + max(0, size - done)
+            path = printable_path(follower.path)  # a metrics label: valid UTF-8
+            lag[path] = lag.get(path, 0) + max(0, size - done)
         return lag
 
     def request_scan(self) -> None:

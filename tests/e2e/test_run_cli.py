@@ -197,3 +197,25 @@ def test_a_burst_larger_than_memory_spills_and_arrives_whole_in_order(base_env: 
     assert len(messages) == count
     assert all(m.startswith(f"{i:09d} ") for i, m in enumerate(messages))
     assert not [name for name in os.listdir(base_env["FORWARDER_STATE_DIR"]) if "spill" in name]  # never named
+
+
+@pytest.mark.parametrize("variable", ["FORWARDER_HOST", "DATADOG_TOKEN"])
+def test_a_setting_that_is_not_utf8_exits_2_with_one_line_naming_it(base_env: dict[str, str], variable: str) -> None:
+    base_env[variable] = os.fsdecode(b"abc\xffdef-private")  # subprocess passes the raw byte back
+    result = run_forwarder(["run", "--", "true"], base_env)
+    assert result.returncode == 2
+    lines = result.stderr.decode(errors="replace").strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"forwarder: error: {variable}: ") and "UTF-8" in lines[0]
+    assert b"private" not in result.stderr
+
+
+def test_a_command_name_that_is_not_utf8_gives_a_printable_source(base_env: dict[str, str], tmp_path: Path) -> None:
+    script = os.path.join(os.fsencode(tmp_path), b"ag\xffent")
+    with open(script, "wb") as fh:
+        fh.write(b"#!/bin/sh\necho hello\n")
+    os.chmod(script, 0o755)
+    result = run_forwarder(["run", "--", os.fsdecode(script)], base_env)
+    assert result.returncode == 0, result.stderr
+    (record,) = file_records(base_env)
+    assert (record["message"], record["source"]) == ("hello", "ag\ufffdent")

@@ -550,3 +550,32 @@ def test_checkpoint_lag_metric_follows_the_persisted_offset(tail_env: dict[str, 
         wait_for(lambda: _checkpoint_lag(addr) == {str(log): 0}, "a lag of 0 once the line ended")
         assert sink.messages()[-1] == "unterminated now ends"
         assert fwd.stop() == 0
+
+
+def test_a_file_name_that_is_not_utf8_is_followed_checkpointed_and_reported(
+    tail_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Linux file names are bytes: one that is not UTF-8 (Python holds it with lone surrogates) must not crash the
+    diagnostics, the checkpoint or ``/metrics``; it is shown with U+FFFD where text is required."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    raw_name = os.path.join(os.fsencode(logs), b"agent-\xff.log")
+    with open(raw_name, "wb") as fh:
+        fh.write(b"".join(b"line %d\n" % i for i in range(10)))
+    env = dict(tail_env, FORWARDER_HTTP_ADDR="127.0.0.1:0")
+    state = Path(env["FORWARDER_STATE_DIR"])
+    sink = Sink(state)
+    shown = str(logs / "agent-\ufffd.log")
+    with forwarder([str(logs / "*.log")], env, tmp_path) as fwd:
+        wait_for((state / "http.addr").exists, "the metrics endpoint")
+        addr = (state / "http.addr").read_text().strip()
+        wait_for(lambda: sink.poll() == 10, "the file's lines")
+        wait_for(lambda: _checkpoint_lag(addr) == {shown: 0}, "the lag of the file, by its printable name")
+        (opened,) = fwd.events("tail_file_opened")
+        assert opened["path"] == os.fsdecode(raw_name)  # the diagnostics keep the byte (as a \udcff escape)
+        assert fwd.stop() == 0
+    assert sink.messages() == [f"line {i}" for i in range(10)]
+    with sqlite3.connect(state / "spool" / "spool.sqlite3") as db:
+        (value,) = [v for k, v in db.execute("SELECT key, value FROM checkpoints") if k.startswith("tail:")]
+    assert json.loads(value)["path"] == shown
+    assert json.loads(value)["offset"] == len(b"".join(b"line %d\n" % i for i in range(10)))
