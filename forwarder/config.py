@@ -302,8 +302,13 @@ def default_source(command: Sequence[str], cwd: Path) -> str:
     """The ``source`` tag when ``FORWARDER_SOURCE`` is unset: ``[agent] id`` of ``livekit.toml`` in ``cwd``, else
     the command's name (``python agent.py`` -> ``agent``), else ``"forwarder"``. Bytes of the command that are not
     UTF-8 become U+FFFD."""
-    source = _default_source(command, cwd)
-    return source if _is_utf8(source) else os.fsencode(source).decode("utf-8", "replace")
+    return _printable(_default_source(command, cwd))
+
+
+def _printable(value: str) -> str:
+    """``value`` as valid UTF-8 text: bytes that are not UTF-8 (lone surrogates, ``surrogateescape``) become
+    U+FFFD."""
+    return value if _is_utf8(value) else os.fsencode(value).decode("utf-8", "replace")
 
 
 def _default_source(command: Sequence[str], cwd: Path) -> str:
@@ -395,7 +400,7 @@ def load(
         if value is not None and not _is_utf8(value):
             raise ConfigError(name, "is not valid UTF-8 text (it holds bytes that decode to no character)")
     tags = Tags(
-        host=_get(merged, "FORWARDER_HOST") or socket.gethostname(),
+        host=_get(merged, "FORWARDER_HOST") or _printable(socket.gethostname()),
         source=_get(merged, "FORWARDER_SOURCE") or default_source(command, cwd or Path.cwd()),
         service=_get(merged, "FORWARDER_SERVICE") or DEFAULT_SERVICE,
     )
