@@ -492,7 +492,10 @@ class _Store:
 
     def _unlink(self, cid: int) -> None:
         # missing: a chunk written by an earlier version (data in its row), or already gone
-        self._file(cid).unlink(missing_ok=True)
+        try:
+            self._file(cid).unlink(missing_ok=True)
+        except OSError as exc:  # its row is gone: the file is removed at the next start (an orphan)
+            _log.warning("spool_unlink_failed", chunk=cid, error=exc.strerror or str(exc))
 
     def checkpoints(self) -> dict[str, str]:
         with self._wlock:
@@ -870,6 +873,7 @@ class Spool:
         self._evicted_applied = 0
         """Highest chunk id discarded (spool full) whose discard :meth:`_applied` has counted."""
         self._elided = 0
+        self._ack_failing = False
         """Chunks never written because every destination had acknowledged them first (this run)."""
         self._pacer = ReadPacer()
         self._checkpoints = store.checkpoints()
@@ -1158,7 +1162,7 @@ class Spool:
                 if self._acked_unwritten():
                     await self._ack_eliding(destination, target)
                     return
-        await trio.to_thread.run_sync(self._store.ack, destination, target, self._floor())
+        await self._store_ack(destination, target)
 
     def _acked_unwritten(self) -> int:
         """How many of the oldest unwritten chunks every destination has acknowledged."""
@@ -1193,17 +1197,40 @@ class Spool:
         if due > elided:
             await self._persist_taken(sealed[:due], elided, cursor=(destination, target))
             # Then delete the stored chunks every destination has acknowledged (the cursor is persisted already).
-            await trio.to_thread.run_sync(self._store.ack, destination, target, self._floor())
+            await self._store_ack(destination, target)
             return
         taken = sealed[:elided]
         checkpoints = _merged_checkpoints(taken)
         upto = taken[-1].chunk.id
-        await trio.to_thread.run_sync(self._store.ack, destination, target, self._floor(), upto, checkpoints)
+        if not await self._store_ack(destination, target, upto, checkpoints):
+            self._wakeup.set()  # they stay unwritten and acknowledged: run() commits them (not writing them) now
+            return
         for s in taken:
             del self._unwritten[s.chunk.id]
             self._unwritten_bytes -= s.chunk.size
         self._elided += len(taken)
         apply_checkpoints(self._checkpoints, checkpoints)
+
+    async def _store_ack(
+        self, destination: str, target: int, upto: int = 0, checkpoints: Mapping[str, str] | None = None
+    ) -> bool:
+        """:meth:`_Store.ack` in a worker thread; ``False`` when it failed (disk full, I/O error), which is logged
+        once per run of failures, not raised: an acknowledgement must not stop the forwarder. Nothing is lost: the
+        cursor only moves forward and the delete takes every chunk up to the floor, so the next acknowledgement that
+        commits catches up; until then a restart delivers those chunks again (at-least-once)."""
+        try:
+            await trio.to_thread.run_sync(self._store.ack, destination, target, self._floor(), upto, checkpoints)
+        except (sqlite3.Error, OSError) as exc:
+            if not self._ack_failing:
+                self._ack_failing = True
+                _log.error(
+                    "spool_ack_failed", destination=destination, chunk=target, error=f"{type(exc).__name__}: {exc}"
+                )
+            return False
+        if self._ack_failing:
+            self._ack_failing = False
+            _log.info("spool_ack_recovered", destination=destination, chunk=target)
+        return True
 
     def pending(self, destination: str) -> int:
         """Records appended but not yet acknowledged by ``destination`` (staged ones included); 0 if unknown."""

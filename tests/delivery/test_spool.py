@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import structlog
+import structlog.testing
 import trio
 import trio.testing
 
@@ -414,6 +416,85 @@ async def test_a_chunk_every_destination_acknowledges_before_its_deadline_is_nev
         assert b_chunks[-1].id > got.id > got_a.id  # ids of chunks never written are not reused
     finally:
         await reopened.aclose()
+
+
+async def test_an_acknowledgement_the_disk_cannot_take_is_logged_not_raised_and_the_next_one_catches_up(
+    spool_dir: Path, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (or an I/O error) when an acknowledgement commits must not stop the forwarder: it is logged once,
+    the in-memory cursor stands, and the next acknowledgement that commits moves the stored cursor and deletes every
+    chunk up to it. Chunks every destination acknowledged before their deadline stay unwritten when the commit of
+    their checkpoints fails, and run() commits them (still without writing them) at once."""
+    fail = {"next": 0}
+
+    spool = Spool.open(spool_dir, max_bytes=64 * MiB, chunk_max_bytes=4096, flush_interval_s=0.25)
+    store_ack = spool._store.ack
+
+    def flaky_ack(*args: object, **kwargs: object) -> None:
+        if fail["next"]:
+            fail["next"] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        store_ack(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(spool._store, "ack", flaky_ack)
+    try:
+        spool.register(["a", "b"])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(spool.run)
+            await trio.testing.wait_all_tasks_blocked()
+            # Written chunks (b lags past their deadline), then acknowledged by both: the first commit fails.
+            await spool.append(numbered(0, 40, pad=100), {"k": "40"})
+            await spool.append(numbered(40, 40, pad=100), {"k": "80"})
+            one, two = await spool.next_chunk("a"), await spool.next_chunk("a")
+            assert one is not None and two is not None
+            mock_clock.jump(1)
+            await trio.testing.wait_all_tasks_blocked()
+            async with spool._flush_lock:  # the write runs in a worker thread
+                pass
+            assert chunk_files(spool_dir) == [one.id, two.id]
+            for dest in ("a", "b"):
+                if dest == "b":
+                    assert await spool.next_chunk("b") is one and await spool.next_chunk("b") is two
+                    fail["next"] = 1
+                with structlog.testing.capture_logs() as logs:
+                    await spool.ack(dest, one.id)  # b's fails: not raised
+                if dest == "b":
+                    assert [e["event"] for e in logs] == ["spool_ack_failed"]
+                    assert logs[0]["destination"] == "b" and "disk is full" in logs[0]["error"]
+            assert db_rows(spool_dir, "SELECT destination, acked_id FROM cursors ORDER BY 1") == [
+                ("a", one.id),
+                ("b", 0),
+            ]
+            assert spool.pending("b") == 40  # the in-memory cursor stands
+            with structlog.testing.capture_logs() as logs:
+                await spool.ack("a", two.id)  # the store takes acknowledgements again
+                await spool.ack("b", two.id)
+            assert [e["event"] for e in logs] == ["spool_ack_recovered"]
+            assert db_rows(spool_dir, "SELECT destination, acked_id FROM cursors ORDER BY 1") == [
+                ("a", two.id),
+                ("b", two.id),
+            ]
+            assert db_rows(spool_dir, "SELECT count(*) FROM chunks") == [(0,)] and chunk_files(spool_dir) == []
+
+            # Acknowledged by both before its deadline: the commit of its checkpoint fails, run() commits it.
+            await spool.append(numbered(80, 40, pad=100), {"k": "120"})
+            three = await spool.next_chunk("a")
+            assert three is not None and await spool.next_chunk("b") is three
+            await spool.ack("a", three.id)
+            fail["next"] = 1
+            with structlog.testing.capture_logs() as logs:
+                await spool.ack("b", three.id)
+                await trio.testing.wait_all_tasks_blocked()
+                async with spool._flush_lock:
+                    pass
+            assert [e["event"] for e in logs] == ["spool_ack_failed"]
+            assert trio.current_time() == 1  # before its deadline: the clock did not move
+            assert db_rows(spool_dir, "SELECT value FROM checkpoints") == [("120",)]
+            assert db_rows(spool_dir, "SELECT count(*) FROM chunks") == [(0,)] and chunk_files(spool_dir) == []
+            assert spool.elided_chunks == 1
+            await spool.close_input()
+    finally:
+        await spool.aclose()
 
 
 async def test_acknowledging_the_first_chunks_of_a_seal_writes_the_rest_with_its_checkpoint(
