@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import threading
 from collections.abc import Iterable, MutableMapping
 from typing import Any, Final, TextIO
 
@@ -45,8 +47,63 @@ def _render(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> s
     return scrub(text)
 
 
+class LineLogger:
+    """The structlog logger: writes each rendered line to ``stream`` under a lock (worker threads log too), and
+    never raises. A diagnostics stream that fails (a pipe whose reader went away, journald restarting under a
+    systemd service, a full disk behind a redirect) must not stop the forwarder: the line is dropped and counted
+    in :attr:`dropped`. ``None`` (Python's ``sys.stderr`` when the process started with descriptor 2 closed) drops
+    every line.
+
+    A stream with a file descriptor is written with ``os.write``, UTF-8, bypassing Python's buffer: a write that
+    failed there would stay buffered and fail again when the interpreter flushes at exit, which turns the agent's
+    exit status into 120.
+    """
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self._stream = stream
+        self._fd = _fileno(stream)
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def msg(self, message: str) -> None:
+        """Write ``message`` and a newline."""
+        with self._lock:
+            try:
+                if self._fd is not None:
+                    _write_all(self._fd, (message + "\n").encode("utf-8", "backslashreplace"))
+                elif self._stream is not None:
+                    self._stream.write(message + "\n")
+                    self._stream.flush()
+                else:
+                    self.dropped += 1
+            except (OSError, ValueError):  # ValueError: the stream was closed
+                self.dropped += 1
+
+    debug = info = warning = warn = error = critical = exception = fatal = failure = err = log = msg
+
+
+def _fileno(stream: TextIO | None) -> int | None:
+    """``stream``'s file descriptor (after flushing what it holds), or ``None`` (no stream, or not a file)."""
+    if stream is None:
+        return None
+    try:
+        fd = stream.fileno()
+        stream.flush()
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return None
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def configure(level: str = "INFO", stream: TextIO | None = None) -> None:
-    """Route structlog to ``stream`` (default stderr) as JSON lines at ``level`` (a :mod:`logging` level name)."""
+    """Route structlog to ``stream`` (default stderr) as JSON lines at ``level`` (a :mod:`logging` level name),
+    through one :class:`LineLogger`."""
+    logger = LineLogger(stream if stream is not None else sys.stderr)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -56,6 +113,6 @@ def configure(level: str = "INFO", stream: TextIO | None = None) -> None:
             _render,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=lambda *_args: logger,
         cache_logger_on_first_use=False,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -38,3 +39,30 @@ def test_values_orjson_refuses_still_give_one_scrubbed_json_line(lines: io.Strin
     assert event["note"] == "token [REDACTED] here" and "pässwörd" not in first
     assert '"logger":"forwarder"' in first  # the compact form, as orjson writes it
     assert json.loads(second)["note"] == "[REDACTED]"
+
+
+def test_a_failing_diagnostics_stream_drops_lines_and_never_raises() -> None:
+    class Broken(io.StringIO):
+        def write(self, s: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    broken = log.LineLogger(Broken())
+    broken.msg("x")
+    assert broken.dropped == 1
+    closed = io.StringIO()
+    closed.close()
+    gone = log.LineLogger(closed)
+    gone.msg("x")
+    assert gone.dropped == 1
+    nothing = log.LineLogger(None)  # sys.stderr when descriptor 2 was closed at start
+    nothing.msg("x")
+    assert nothing.dropped == 1
+
+    read_end, write_end = os.pipe()
+    with open(write_end, "w", encoding="ascii") as stream:  # the descriptor is written to, in UTF-8, unbuffered
+        pipe = log.LineLogger(stream)
+        pipe.msg('{"event":"é"}')
+        assert os.read(read_end, 100) == '{"event":"é"}\n'.encode()
+        os.close(read_end)  # the reader goes away: EPIPE from now on
+        pipe.msg("lost")
+        assert pipe.dropped == 1

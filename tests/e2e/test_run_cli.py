@@ -219,3 +219,27 @@ def test_a_command_name_that_is_not_utf8_gives_a_printable_source(base_env: dict
     assert result.returncode == 0, result.stderr
     (record,) = file_records(base_env)
     assert (record["message"], record["source"]) == ("hello", "ag\ufffdent")
+
+
+def test_a_stderr_nobody_reads_stops_neither_the_forwarder_nor_delivery(base_env: dict[str, str]) -> None:
+    """Our stderr is a pipe whose reader is gone (``... 2>&1 | head``, journald restarting under systemd): every
+    diagnostic line and every mirrored stderr line fails with EPIPE. The agent runs to its end and every record is
+    delivered; the exit status is the agent's."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    script = "import sys\nfor i in range(2000): print(f'err {i}', file=sys.stderr)\nprint('done')\nsys.exit(3)"
+    try:
+        result = subprocess.run(
+            forwarder_cmd("run", "--", sys.executable, "-c", script),
+            env=base_env,
+            stdout=subprocess.DEVNULL,
+            stderr=write_end,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 3
+    records = file_records(base_env)
+    assert [r["message"] for r in records if r["stream"] == "stderr"] == [f"err {i}" for i in range(2000)]
+    assert [r["message"] for r in records if r["stream"] == "stdout"] == ["done"]
