@@ -103,6 +103,8 @@ def open_buffer(config: Config, stats: dict[str, DestinationStats]) -> Buffer:
     callback = on_buffer_drop(stats)
     if config.buffer == "memory":
         return MemoryBuffer(config.spool_max_bytes, on_drop=callback)
+    import sqlite3
+
     from forwarder.delivery.spool import Spool, SpoolLockedError
 
     try:
@@ -116,6 +118,11 @@ def open_buffer(config: Config, stats: dict[str, DestinationStats]) -> Buffer:
         raise ConfigError(
             "FORWARDER_STATE_DIR",
             f"{config.state_dir} is in use by another forwarder process; give each forwarder its own state directory",
+        ) from None
+    except (OSError, sqlite3.Error) as exc:  # not writable (read-only file system, permissions), not a directory
+        problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(
+            "FORWARDER_STATE_DIR", f"cannot open the spool in {config.state_dir}: {problem}; give a writable directory"
         ) from None
 
 
@@ -142,7 +149,13 @@ async def serve(config: Config, source: SourceFn, mode: str = "run", runtime: Ru
     rt.sinks = sinks
     for sink in sinks:
         rt.destinations[sink.name] = DestinationStats(sink.name)
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        problem = "a file is in the way" if isinstance(exc, FileExistsError) else exc.strerror or str(exc)
+        raise ConfigError(
+            "FORWARDER_STATE_DIR", f"cannot create {config.state_dir}: {problem}; give a writable directory"
+        ) from None
     buffer = open_buffer(config, rt.destinations)
     rt.buffer = buffer
     buffer.register([s.name for s in sinks])

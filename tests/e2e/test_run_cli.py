@@ -243,3 +243,33 @@ def test_a_stderr_nobody_reads_stops_neither_the_forwarder_nor_delivery(base_env
     records = file_records(base_env)
     assert [r["message"] for r in records if r["stream"] == "stderr"] == [f"err {i}" for i in range(2000)]
     assert [r["message"] for r in records if r["stream"] == "stdout"] == ["done"]
+
+
+@pytest.mark.parametrize(
+    ("layout", "expected"),
+    [
+        ("state is a file", "a file is in the way"),
+        ("state is under a file", "Not a directory"),
+        ("spool is a file", "cannot open the spool in"),
+    ],
+)
+def test_a_state_dir_that_cannot_be_used_exits_2_with_one_line(
+    base_env: dict[str, str], tmp_path: Path, layout: str, expected: str
+) -> None:
+    """Checked with paths a file is in the way of (root ignores permissions, and tests may run as root)."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a directory")
+    if layout == "state is a file":
+        base_env["FORWARDER_STATE_DIR"] = str(blocker)
+    elif layout == "state is under a file":
+        base_env["FORWARDER_STATE_DIR"] = str(blocker / "state")
+    else:
+        state = tmp_path / "state"
+        state.mkdir()
+        (state / "spool").write_text("not a directory")
+        base_env["FORWARDER_STATE_DIR"] = str(state)
+    result = run_forwarder(["run", "--", sys.executable, "-c", "print('never started')"], base_env)
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("forwarder: error: FORWARDER_STATE_DIR: ") and expected in lines[0]
+    assert b"never started" not in result.stdout
