@@ -288,6 +288,25 @@ def _parse_level(env: Mapping[str, str], name: str, default: Level) -> Level:
         raise ConfigError(name, f"{raw!r} is not a level; expected one of {accepted}") from None
 
 
+def _check_ca_file(ca_file: str) -> None:
+    """Raise :class:`ConfigError` unless ``ca_file`` (``SSL_CERT_FILE``) loads as a CA bundle. It is loaded through
+    the process's cached TLS context (:func:`forwarder.sinks._http.tls_context`), which the destinations then
+    reuse: the check costs no second load."""
+    if not Path(ca_file).is_file():
+        raise ConfigError("SSL_CERT_FILE", f"{ca_file!r} is not a readable file; expected a PEM CA bundle")
+    import ssl
+
+    from forwarder.sinks._http import tls_context
+
+    try:
+        tls_context(ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else getattr(exc, "reason", None) or exc
+        raise ConfigError(
+            "SSL_CERT_FILE", f"{ca_file!r} holds no usable CA certificate ({problem}); expected a PEM CA bundle"
+        ) from None
+
+
 def _is_utf8(value: str) -> bool:
     """Whether ``value`` is text: an environment value or argument with bytes that are not UTF-8 reaches Python as
     lone surrogates (``surrogateescape``), which no JSON encoder or HTTP header takes."""
@@ -406,8 +425,8 @@ def load(
     )
     state_raw = _get(merged, "FORWARDER_STATE_DIR")
     ca_file = _get(merged, "SSL_CERT_FILE")
-    if ca_file is not None and not Path(ca_file).is_file():
-        raise ConfigError("SSL_CERT_FILE", f"{ca_file!r} is not a readable file; expected a PEM CA bundle")
+    if ca_file is not None:
+        _check_ca_file(ca_file)
     sinks = tuple(sink_configs_from_env(merged))
     file_sink_mode = parse_choice(merged, "FORWARDER_FILE_SINK", ("auto", "on", "off"), "auto")
     file_sink = file_sink_mode == "on" or (file_sink_mode == "auto" and not sinks)

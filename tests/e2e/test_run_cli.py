@@ -273,3 +273,14 @@ def test_a_state_dir_that_cannot_be_used_exits_2_with_one_line(
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("forwarder: error: FORWARDER_STATE_DIR: ") and expected in lines[0]
     assert b"never started" not in result.stdout
+
+
+def test_a_ca_file_with_no_certificate_exits_2_with_one_line(base_env: dict[str, str], tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("not a certificate\n")
+    base_env["SSL_CERT_FILE"] = str(bundle)
+    result = run_forwarder(["run", "--", "true"], base_env)
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("forwarder: error: SSL_CERT_FILE: ")
+    assert "no usable CA certificate" in lines[0] and str(bundle) in lines[0]
