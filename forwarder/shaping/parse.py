@@ -234,6 +234,11 @@ _loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
 TRACEBACK_HEADER: Final = "Traceback (most recent call last):"
 _ABSENT: Final = object()
+MAX_JSON_DEPTH: Final = 200
+"""Ours: a JSON line whose value nests deeper than this many arrays and objects is plain text (the whole line is the
+message). ``orjson.loads`` reads up to 1,024 levels but ``orjson.dumps`` writes at most 254
+(https://github.com/ijl/orjson#serialize: "Recursion limit reached"), and each destination wraps attributes in a few
+levels of its own (New Relic's and Sentry's envelopes the most, about 5): deeper attributes could not be sent."""
 
 
 def json_record(line: str, now_ns: int, stream: str, tags: Tags, strip: bool = True) -> Record | None:
@@ -253,6 +258,9 @@ def json_record(line: str, now_ns: int, stream: str, tags: Tags, strip: bool = T
     except _JSONDecodeError:
         return None
     if type(d) is not dict:
+        return None
+    # Only a line with that many brackets can nest that deep: a typical line pays one len().
+    if len(line) > 2 * MAX_JSON_DEPTH and line.count("{") + line.count("[") > MAX_JSON_DEPTH and _nests_deeper(d):
         return None
     message = d.pop("message", None)
     pino = False
@@ -291,6 +299,23 @@ def json_record(line: str, now_ns: int, stream: str, tags: Tags, strip: bool = T
     if strip and "\x1b" in message:
         message = ANSI.sub("", message)
     return Record(now_ns, message, stream, tags, level, d or None, event_ns)
+
+
+def _nests_deeper(value: object, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``value`` (parsed JSON) nests more than ``limit`` arrays and objects deep (an iterative walk)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if type(item) is dict:
+            children: Any = item.values()
+        elif type(item) is list:
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _json_message(d: dict[str, Any], msg: object, line: str) -> tuple[str, bool]:

@@ -284,3 +284,13 @@ def test_a_ca_file_with_no_certificate_exits_2_with_one_line(base_env: dict[str,
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("forwarder: error: SSL_CERT_FILE: ")
     assert "no usable CA certificate" in lines[0] and str(bundle) in lines[0]
+
+
+def test_a_json_line_nested_too_deep_to_encode_is_delivered_as_text(base_env: dict[str, str]) -> None:
+    """A JSON line nested 300 levels deep (orjson writes 254 at most) is delivered as a text record; it used to
+    stop the file destination with "Recursion limit reached" and the forwarder with it."""
+    deep = '{"message": "deep", "a": ' + "[" * 299 + "]" * 299 + "}"
+    script = f"print({deep!r})\nprint('after')"
+    result = run_forwarder(["run", "--", sys.executable, "-c", script], base_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [r["message"] for r in file_records(base_env)] == [deep, "after"]

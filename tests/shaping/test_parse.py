@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from forwarder.record import Level, Record, Tags
-from forwarder.shaping.parse import detect_level, json_record, normalize_level, parse_timestamp, strip_ansi
+from forwarder.shaping.parse import (
+    MAX_JSON_DEPTH,
+    detect_level,
+    json_record,
+    normalize_level,
+    parse_timestamp,
+    strip_ansi,
+)
 from forwarder.shaping.shaper import Shaper
 
 TAGS = Tags("host-1", "agent-1", "cloud.livekit.io")
@@ -207,6 +214,27 @@ def test_json_non_string_message_is_encoded() -> None:
     rec = json_record('{"message": {"k": [1, 2]}}', 1, "stdout", TAGS)
     assert rec is not None
     assert rec.message == '{"k":[1,2]}'
+
+
+def _nested(depth: int) -> str:
+    """A JSON object line whose ``a`` field takes it to ``depth`` levels of arrays and objects in all."""
+    inner = "[" * (depth - 2) + "]" * (depth - 2)
+    return '{"message": "deep", "a": {"b": ' + inner + "}}"
+
+
+def test_json_nested_deeper_than_any_encoder_writes_is_text() -> None:
+    """orjson reads 1,024 levels but writes 254, and the destinations add levels of their own: a line deeper than
+    MAX_JSON_DEPTH stays text (the whole line is the message), one at the limit stays JSON."""
+    at_limit = json_record(_nested(MAX_JSON_DEPTH), 1, "stdout", TAGS)
+    assert at_limit is not None and at_limit.message == "deep" and at_limit.attributes is not None
+    assert json_record(_nested(MAX_JSON_DEPTH + 1), 1, "stdout", TAGS) is None
+    line = _nested(1000)
+    records = Shaper(TAGS).feed("stdout", [line], 1)
+    assert [(r.message, r.attributes) for r in records] == [(line, None)]
+    # Many brackets but shallow: the depth is what counts, not the bracket count.
+    wide = '{"message": "wide", "a": [' + ",".join(["[]"] * (2 * MAX_JSON_DEPTH)) + "]}"
+    rec = json_record(wide, 1, "stdout", TAGS)
+    assert rec is not None and rec.message == "wide" and rec.attributes == {"a": [[]] * (2 * MAX_JSON_DEPTH)}
 
 
 def test_broken_json_with_raw_ansi_codes_is_stripped_text() -> None:
