@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-from forwarder.record import Level, Tags
+from forwarder.record import Level, Tags, printable
 
 if TYPE_CHECKING:
     from forwarder.sinks import SinkConfig
@@ -321,13 +321,7 @@ def default_source(command: Sequence[str], cwd: Path) -> str:
     """The ``source`` tag when ``FORWARDER_SOURCE`` is unset: ``[agent] id`` of ``livekit.toml`` in ``cwd``, else
     the command's name (``python agent.py`` -> ``agent``), else ``"forwarder"``. Bytes of the command that are not
     UTF-8 become U+FFFD."""
-    return _printable(_default_source(command, cwd))
-
-
-def _printable(value: str) -> str:
-    """``value`` as valid UTF-8 text: bytes that are not UTF-8 (lone surrogates, ``surrogateescape``) become
-    U+FFFD."""
-    return value if _is_utf8(value) else os.fsencode(value).decode("utf-8", "replace")
+    return printable(_default_source(command, cwd))
 
 
 def _default_source(command: Sequence[str], cwd: Path) -> str:
@@ -419,7 +413,7 @@ def load(
         if value is not None and not _is_utf8(value):
             raise ConfigError(name, "is not valid UTF-8 text (it holds bytes that decode to no character)")
     tags = Tags(
-        host=_get(merged, "FORWARDER_HOST") or _printable(socket.gethostname()),
+        host=_get(merged, "FORWARDER_HOST") or printable(socket.gethostname()),
         source=_get(merged, "FORWARDER_SOURCE") or default_source(command, cwd or Path.cwd()),
         service=_get(merged, "FORWARDER_SERVICE") or DEFAULT_SERVICE,
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Final
@@ -141,6 +142,17 @@ class Record(msgspec.Struct, gc=False):
         if self.event_time_ns is not None:
             out["event_time_ns"] = self.event_time_ns
         return out
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: bytes that are not UTF-8 (which Python keeps as lone surrogates, ``surrogateescape``,
+    in file names, arguments and environment values) become U+FFFD. For what must be encoded as JSON or UTF-8: tags,
+    checkpoints, metric labels."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "replace")
+    return text
 
 
 def format_rfc3339_ns(ns: int) -> str:

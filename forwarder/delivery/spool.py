@@ -873,8 +873,9 @@ class Spool:
         self._evicted_applied = 0
         """Highest chunk id discarded (spool full) whose discard :meth:`_applied` has counted."""
         self._elided = 0
-        self._ack_failing = False
         """Chunks never written because every destination had acknowledged them first (this run)."""
+        self._ack_failing = False
+        """The last acknowledgement could not be committed (logged once until one commits: :meth:`_store_ack`)."""
         self._pacer = ReadPacer()
         self._checkpoints = store.checkpoints()
 

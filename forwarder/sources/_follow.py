@@ -64,7 +64,7 @@ import structlog
 import trio
 
 from forwarder.delivery.buffer import CHECKPOINT_REMOVED
-from forwarder.record import STDOUT
+from forwarder.record import STDOUT, printable
 from forwarder.sources._container import ByteLines, ContainerDecoder, Event, make_decoder
 from forwarder.sources._lines import LineFramer
 
@@ -159,7 +159,7 @@ class Position:
 
     def dumps(self) -> str:
         """The checkpoint value (compact JSON)."""
-        data = {"offset": self.offset, "fp": self.fp, "fp_len": self.fp_len, "path": printable_path(self.path)}
+        data = {"offset": self.offset, "fp": self.fp, "fp_len": self.fp_len, "path": printable(self.path)}
         return orjson.dumps(data).decode()
 
     @classmethod
@@ -176,12 +176,6 @@ class Position:
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return None
-
-
-def printable_path(path: str) -> str:
-    """``path`` as valid UTF-8 text, for checkpoints, metrics and diagnostics: bytes of a file name that are not
-    UTF-8 (which Python keeps as lone surrogates, ``surrogateescape``) become U+FFFD."""
-    return os.fsencode(path).decode("utf-8", "replace")
 
 
 def fingerprint(prefix: bytes) -> str:
@@ -385,7 +379,7 @@ class Tailer:
 
     def checkpoint_lag(self, persisted: Mapping[str, str]) -> dict[str, int]:
         """Bytes of each followed file not yet covered by a persisted checkpoint: ``path -> bytes`` (the path as
-        :func:`printable_path` gives it).
+        :func:`~forwarder.record.printable` gives it).
 
         For each open file: its size now minus the offset of its checkpoint in ``persisted`` (the buffer's
         :meth:`CheckpointStore.load_checkpoints`), or minus the offset reading started at when none is persisted
@@ -409,7 +403,7 @@ class Tailer:
                 done = follower.committed
             else:
                 done = follower.start
-            path = printable_path(follower.path)  # a metrics label: valid UTF-8
+            path = printable(follower.path)  # a metrics label: valid UTF-8
             lag[path] = lag.get(path, 0) + max(0, size - done)
         return lag
 
